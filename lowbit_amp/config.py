@@ -1,0 +1,334 @@
+"""The one configuration object: frozen dataclasses, built from an opt-level preset, a YAML file and keyword overrides.
+
+Precedence (later wins): opt-level defaults < YAML file < keyword overrides. Every field of every opt level is an
+ordinary field here, so users combine pieces freely (e.g. O1 GEMMs with the 8-bit optimizer). Unknown keys, wrong
+types and values outside a field's choices raise :class:`ConfigError` naming the key, the valid choices and a close
+match ("did you mean").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = [
+    "CommConfig",
+    "ConfigError",
+    "Int8Config",
+    "LinearConfig",
+    "LossScalingConfig",
+    "LowBitConfig",
+    "ModuleOverride",
+    "ModulePolicy",
+    "OperandConfig",
+    "OptimizerConfig",
+    "ScalingConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message says which and how to fix it."""
+
+
+def _choices(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How one operand's scale is chosen.
+
+    ``delayed``: the scale comes from the amax history of earlier steps (one pass over the data; TE's default).
+    ``current``: just-in-time, from this tensor's own amax (two passes, exact range). ``static``: a fixed
+    ``static_scale`` (for unit-scaled models). Delayed scaling is tensorwise only; row/block granularities use current.
+    """
+
+    algo: str = _choices("delayed", "current", "static", default="delayed")
+    history_len: int = 16
+    amax_compute: str = _choices("max", "most_recent", default="max")
+    margin: int = 0
+    power_of_2: bool = False
+    granularity: str = "tensor"
+    static_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        from lowbit_amp.quant.granularity import Granularity
+
+        try:
+            gran = Granularity.parse(self.granularity)
+        except ValueError as err:
+            raise ConfigError(f"scaling.granularity: {err}") from None
+        if self.history_len < 1:
+            raise ConfigError(f"scaling.history_len must be >= 1, got {self.history_len}.")
+        if self.algo == "delayed" and not gran.is_tensorwise:
+            raise ConfigError(
+                f"scaling.algo='delayed' needs granularity='tensor' (got {self.granularity!r}): per-row/block amax "
+                "histories do not follow tokens across steps. Use algo='current' for row or block scaling."
+            )
+        if self.algo == "static" and not self.static_scale > 0:
+            raise ConfigError(f"scaling.static_scale must be > 0 for algo='static', got {self.static_scale}.")
+
+    def describe(self) -> str:
+        if self.algo == "delayed":
+            text = f"delayed{self.history_len}"
+        elif self.algo == "static":
+            text = "static"
+        else:
+            text = "current"
+        if self.granularity not in ("tensor", "tensorwise"):
+            text += f"/{self.granularity}"
+        return text + ("/pow2" if self.power_of_2 else "")
+
+
+@dataclass(frozen=True)
+class OperandConfig:
+    """Format and scaling of one GEMM operand."""
+
+    format: str = "e4m3"
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        from lowbit_amp.formats import get_format
+
+        try:
+            get_format(self.format)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Block-wise INT8 GEMMs with dynamic 16-bit fallback of outlier activation blocks (arXiv 2503.08040)."""
+
+    act_block: str = "1x128"
+    weight_block: str = "128x128"
+    fallback: bool = True
+    fallback_threshold: float = 6.0
+    fallback_mode: str = _choices("residual", "hp", default="residual")
+    stochastic_grad: bool = False
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """What a converted ``nn.Linear`` computes in (the per-module overridable part of the config)."""
+
+    compute: str = _choices("hp", "fp8", "int8", default="fp8")
+    input: OperandConfig = field(default_factory=lambda: OperandConfig("e4m3", ScalingConfig()))
+    weight: OperandConfig = field(default_factory=lambda: OperandConfig("e4m3", ScalingConfig(algo="current")))
+    grad_output: OperandConfig = field(default_factory=lambda: OperandConfig("e5m2", ScalingConfig()))
+    fast_accum_forward: bool = True
+    weight_grad: str = _choices("hp", "e4m3", "e5m2", default="hp")
+    grad_accumulation: str = _choices("rescale", "fp32", default="rescale")
+    int8: Int8Config = field(default_factory=Int8Config)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer rebuild at O2/O3: state formats per moment and master weights.
+
+    ``exp_avg``: first moment (``fp32``, ``bf16``, ``e4m3``). ``exp_avg_sq``: second moment (``fp32``, ``fp16``, or
+    ``e4m3_expand`` — E4M3 with COAT's dynamic range expansion; a plain-E4M3 second moment is not offered because it
+    flushes small values to zero). ``master_weights``: ``none`` (update the model weights directly), ``fp32``,
+    ``fp16`` (with a per-tensor scale) or ``bf16_sr`` (stochastic rounding on write-back).
+    """
+
+    enabled: bool = False
+    exp_avg: str = _choices("fp32", "bf16", "e4m3", default="fp32")
+    exp_avg_sq: str = _choices("fp32", "fp16", "e4m3_expand", default="fp32")
+    master_weights: str = _choices("none", "fp32", "fp16", "bf16_sr", default="none")
+    block_size: int = 128
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """8-bit collectives (multi-rank runs only)."""
+
+    grad_reduce: str = _choices("hp", "fp8", default="hp")
+    weight_all_gather: str = _choices("hp", "fp8", default="hp")
+    sync_amax: bool = True
+
+
+@dataclass(frozen=True)
+class ModuleOverride:
+    """Fields of :class:`LinearConfig` to change for modules whose fully qualified name matches ``pattern`` (regex,
+    ``re.search``). Later overrides win."""
+
+    pattern: str = ""
+    linear: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModulePolicy:
+    """Which ``nn.Linear`` layers are converted.
+
+    ``exclude``: regexes (``re.search`` on the fully qualified name) of layers kept in high precision — by default
+    the LM head and embeddings. ``alignment``: FP8 tensor-core GEMMs need in/out features that are multiples of 16.
+    ``min_gemm_size``: the shape-aware policy; layers with ``in_features * out_features`` below this stay in high
+    precision because the casts cost more than the FP8 GEMM saves (0 disables; ``"auto"`` picks the measured
+    threshold for the device).
+    """
+
+    exclude: tuple[str, ...] = ("lm_head", "embed", r"(^|\.)head$", r"(^|\.)output$")
+    alignment: int = 16
+    min_gemm_size: Any = 0
+    overrides: tuple[ModuleOverride, ...] = ()
+
+
+@dataclass(frozen=True)
+class LossScalingConfig:
+    """apex-style dynamic loss scaling (needed for fp16 models; optional otherwise)."""
+
+    mode: str = _choices("none", "dynamic", "static", default="none")
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 1.0
+    max_scale: float = 2.0**24
+
+
+@dataclass(frozen=True)
+class LowBitConfig:
+    """Everything ``amp.initialize`` needs. Build one with :func:`lowbit_amp.levels.resolve_config`."""
+
+    opt_level: str = "O1"
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    modules: ModulePolicy = field(default_factory=ModulePolicy)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    loss_scaling: LossScalingConfig = field(default_factory=LossScalingConfig)
+    monitor: bool = False
+
+    def replace(self, **changes: Any) -> "LowBitConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _close(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Check ``value`` against field ``f``'s type and choices; convert lists to tuples and dicts to dataclasses."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of {type(default).__name__} fields, got {value!r}.")
+        return _merge(default, value, where)
+    if f.name == "overrides":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list of {{pattern: ..., linear: {{...}}}} entries, got {value!r}.")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, ModuleOverride):
+                out.append(item)
+                continue
+            override = _merge(ModuleOverride(), item, f"{where}[{i}]")
+            _merge(LinearConfig(), override.linear, f"{where}[{i}].linear")  # validate the fields now
+            out.append(override)
+        return tuple(out)
+    if f.name == "min_gemm_size" and value == "auto":
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    elif isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+    elif isinstance(default, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        value = tuple(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}={value!r} is not one of {list(choices)}.{_close(str(value), list(choices))}")
+    return value
+
+
+def _merge(base: Any, changes: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    updates = {}
+    for key, value in changes.items():
+        if key not in fields:
+            raise ConfigError(
+                f"Unknown config key {where + '.' if where else ''}{key}; valid keys here are "
+                f"{sorted(fields)}.{_close(key, list(fields))}"
+            )
+        if key == "linear" and isinstance(base, ModuleOverride):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.linear must be a mapping of LinearConfig fields, got {value!r}.")
+            updates[key] = dict(value)
+            continue
+        updates[key] = _coerce(value, fields[key], f"{where + '.' if where else ''}{key}")
+    try:
+        return dataclasses.replace(base, **updates)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def apply_overrides(base: Any, changes: Mapping[str, Any], where: str = "") -> Any:
+    """Return ``base`` with nested ``changes`` applied; dotted keys (``"linear.weight_grad"``) are expanded."""
+    nested: dict[str, Any] = {}
+    for key, value in changes.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Config key {key!r} conflicts with another override of {part!r}.")
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return _merge(base, nested, where)
+
+
+def config_from_dict(data: Mapping[str, Any], base: LowBitConfig | None = None) -> LowBitConfig:
+    return apply_overrides(base or LowBitConfig(), data)
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain dict/list form (what the YAML files hold)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, Mapping):
+        return {k: config_to_dict(v) for k, v in config.items()}
+    return config
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict; malformed files raise :class:`ConfigError` with the path."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {os.fspath(path)!r} does not exist.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {os.fspath(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {os.fspath(path)!r} must hold a mapping at the top level, got {type(data).__name__}.")
+    return data

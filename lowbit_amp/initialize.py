@@ -1,0 +1,114 @@
+"""``amp.initialize``: config → capability check → module swap → optimizer rebuild → step hook.
+
+The user's training loop stays unchanged: scaling histories advance from a post-hook on ``optimizer.step()``, so no
+extra call is needed. The returned model is the same object (layers swapped in place, the same Parameter objects).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit_amp.capability import fp8_gemm_supported
+from lowbit_amp.config import ConfigError, LossScalingConfig, LowBitConfig
+from lowbit_amp.levels import resolve_config
+from lowbit_amp.loss_scaler import DynamicLossScaler
+from lowbit_amp.nn.swap import ConversionReport, convert_linears
+from lowbit_amp.scaling.manager import ScalingManager
+
+STATE_ATTR = "lowbit_amp_state"
+
+
+@dataclass
+class AmpState:
+    """What ``initialize`` did to a model: its config, the conversion report and the scaling manager."""
+
+    config: LowBitConfig
+    report: ConversionReport
+    manager: ScalingManager
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_capability(config: LowBitConfig, device: torch.device) -> None:
+    if config.linear.compute == "fp8":
+        ok, reason = fp8_gemm_supported(device)
+        if not ok:
+            raise ConfigError(f"opt_level {config.opt_level} needs FP8 GEMMs, but {reason}.")
+    if config.linear.compute == "int8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 5):
+        raise ConfigError("INT8 tensor-core GEMMs need compute capability 7.5+; use opt_level='O0' on this GPU.")
+
+
+def _loss_scaling(config: LowBitConfig, model: nn.Module) -> LossScalingConfig:
+    scaling = config.loss_scaling
+    if scaling.mode == "none" and any(p.dtype == torch.float16 for p in model.parameters()):
+        # fp16 models underflow without it (apex's default for fp16 too).
+        return LossScalingConfig(**{**scaling.__dict__, "mode": "dynamic"})
+    return scaling
+
+
+def initialize(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    opt_level: "str | os.PathLike | LowBitConfig | None" = "O1",
+    **overrides: Any,
+) -> "tuple[nn.Module, torch.optim.Optimizer] | nn.Module":
+    """Make ``model`` (and ``optimizer``) train in low precision.
+
+    Args:
+        model: the user's model; its ``nn.Linear`` layers are swapped in place.
+        optimizer: the user's optimizer over ``model``'s parameters (or None). At O2/O3 it is rebuilt as the low-bit
+            optimizer with the same param groups and hyper-parameters; use the returned one.
+        opt_level: ``"O0"``–``"O3"``, ``"int8"``, a YAML path, or a :class:`LowBitConfig`.
+        **overrides: config overrides applied last, as sections (``linear={"weight_grad": "e5m2"}``) or dotted keys
+            passed through ``overrides={"linear.weight_grad": "e5m2"}``.
+
+    Returns:
+        ``(model, optimizer)``, or just ``model`` when ``optimizer`` is None (apex's convention).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"amp.initialize expects an nn.Module as model, got {type(model).__name__}.")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"amp.initialize expects a torch.optim.Optimizer (or None), got {type(optimizer).__name__}.")
+    flat = dict(overrides.pop("overrides", None) or {})
+    flat.update(overrides)
+    config = resolve_config(opt_level, flat)
+    _check_capability(config, _model_device(model))
+    report = convert_linears(model, config)
+    manager = ScalingManager(model, sync_amax=config.comm.sync_amax)
+    setattr(model, STATE_ATTR, AmpState(config, report, manager))
+    if optimizer is None:
+        return model
+    if config.optimizer.enabled or config.linear.weight_grad != "hp":
+        from lowbit_amp.optim.build import build_optimizer
+
+        optimizer = build_optimizer(optimizer, model, config)
+    optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: manager.update())
+    optimizer.lowbit_loss_scaler = DynamicLossScaler(_loss_scaling(config, model))  # type: ignore[attr-defined]
+    return model, optimizer
+
+
+def amp_state(model: nn.Module) -> AmpState:
+    """The :class:`AmpState` ``initialize`` attached to ``model``."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("This model was not passed through amp.initialize; call amp.initialize(model, ...) first.")
+    return state
+
+
+def step_scaling(model: nn.Module) -> None:
+    """Advance the delayed-scaling histories by hand (only needed when ``initialize`` got no optimizer)."""
+    amp_state(model).manager.update()
+
+
+def summary(model: nn.Module) -> str:
+    """The conversion report: every linear layer, converted or kept, and why."""
+    return str(amp_state(model).report)

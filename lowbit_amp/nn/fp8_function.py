@@ -1,0 +1,99 @@
+"""The FP8 linear layer's autograd Function: it owns all three GEMMs.
+
+For ``y = x·Wᵀ + b`` with ``x (M, K)`` (leading dims flattened), ``W (N, K)``, ``dy (M, N)``::
+
+    GEMM          NT form                 operand a (format, scaled along)   operand b (format)
+    output        y  = x  · (W)ᵀ          x   E4M3  [input state]            W   E4M3  [weight state]
+    grad_input    dx = dy · (Wᵀ)ᵀ         dy  E5M2  [grad_output state]      Wᵀ  E4M3
+    grad_weight   dW = dyᵀ · (xᵀ)ᵀ        dyᵀ E5M2                           xᵀ  E4M3
+
+Six operands, three quantized tensors. Tensorwise scales are orientation-free, so the transposed operands are plain
+transposes of the FP8 tensors (no re-quantization) and backward needs only the FP8 ``x`` and ``W`` that forward saved —
+the high-precision input is not kept, so activation memory does not grow. Row and block granularities scale along the
+contraction dim, which differs between GEMMs, so for those the high-precision input is saved and the transposed
+operands are re-quantized just in time (documented in docs/numerics.md). The backward GEMMs always accumulate in FP32
+(``use_fast_accum=False``); the weight gradient comes out in FP32 and goes to ``layer._weight_grad_output`` (FP8 at O2+).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowbit_amp.formats import Format
+from lowbit_amp.gemm.fp8 import fp8_mm_nt
+from lowbit_amp.quant.cast import compute_scale, quantize
+from lowbit_amp.quant.granularity import Granularity, amax
+from lowbit_amp.quant.operand import quantize_operand
+
+if TYPE_CHECKING:
+    from lowbit_amp.nn.linear import LowBitLinear
+
+
+def _just_in_time(hp: torch.Tensor, fmt: Format, gran: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current-scaling quantization for a re-oriented operand (row/block recipes only)."""
+    scale = compute_scale(amax(hp, gran), fmt)
+    return quantize(hp, scale, fmt, gran), scale
+
+
+class Fp8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: "LowBitLinear",
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        cfg = layer.lb_config
+        x2d = x.reshape(-1, x.shape[-1])
+        x_lp, x_scale = quantize_operand(x2d, layer.input_scaling)
+        w_lp, w_scale = layer.quantized_weight()
+        in_gran = layer.input_scaling.granularity
+        w_gran = layer.weight_scaling.granularity
+        y = fp8_mm_nt(x_lp, x_scale, w_lp, w_scale, out_dtype, in_gran, w_gran, bias, fast_accum=cfg.fast_accum_forward)
+        ctx.layer = layer
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        ctx.tensorwise = in_gran.is_tensorwise and w_gran.is_tensorwise
+        if ctx.tensorwise:
+            ctx.save_for_backward(x_lp, x_scale, w_lp, w_scale)
+        else:
+            ctx.save_for_backward(x2d, weight)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        layer: LowBitLinear = ctx.layer
+        go_state = layer.grad_output_scaling
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        dy_lp, dy_scale = quantize_operand(dy2d, go_state)
+        dx = dw = db = None
+        if ctx.tensorwise:
+            x_lp, x_scale, w_lp, w_scale = ctx.saved_tensors
+            if need_dx:
+                dx = fp8_mm_nt(dy_lp, dy_scale, layer.quantized_weight_t(w_lp), w_scale, ctx.x_dtype)
+            if need_dw:
+                dw = fp8_mm_nt(dy_lp.t().contiguous(), dy_scale, x_lp.t().contiguous(), x_scale, torch.float32)
+        else:
+            x2d, weight = ctx.saved_tensors
+            go_gran = go_state.granularity
+            if need_dx:
+                w_t_lp, w_t_scale = _just_in_time(weight.t(), layer.weight_scaling.fmt, layer.weight_scaling.granularity)
+                dx = fp8_mm_nt(dy_lp, dy_scale, w_t_lp, w_t_scale, ctx.x_dtype, go_gran, layer.weight_scaling.granularity)
+            if need_dw:
+                dy_t_lp, dy_t_scale = _just_in_time(dy2d.t(), go_state.fmt, go_gran)
+                x_t_lp, x_t_scale = _just_in_time(x2d.t(), layer.input_scaling.fmt, layer.input_scaling.granularity)
+                dw = fp8_mm_nt(dy_t_lp, dy_t_scale, x_t_lp, x_t_scale, torch.float32, go_gran,
+                               layer.input_scaling.granularity)
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        if dw is not None:
+            dw = layer._weight_grad_output(dw)
+        if need_db:
+            db = dy2d.float().sum(0).to(layer.bias.dtype)
+        return dx, dw, db, None, None

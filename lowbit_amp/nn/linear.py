@@ -1,0 +1,109 @@
+"""``LowBitLinear``: a drop-in ``nn.Linear`` whose three GEMMs run in FP8 or INT8 (or high precision at O0).
+
+It *is* an ``nn.Linear`` (same ``weight``/``bias`` Parameter objects after conversion, so the user's optimizer and
+state_dict keys keep working) plus one :class:`~lowbit_amp.scaling.ScalingState` per FP8 operand. Which GEMM path runs
+is ``lb_config.compute``: ``hp`` (``F.linear``, the O0 baseline through the same module), ``fp8``
+(:mod:`lowbit_amp.nn.fp8_function`) or ``int8`` (:mod:`lowbit_amp.nn.int8_function`).
+
+The weight is cast once per optimizer step, not once per micro-batch: the FP8 copy is cached under the weight's
+version counter, which every in-place update (optimizer step, ``load_state_dict``) bumps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit_amp.config import LinearConfig
+from lowbit_amp.quant.operand import quantize_operand
+from lowbit_amp.scaling.state import ScalingState
+
+
+class LowBitLinear(nn.Linear):
+    """See the module docstring. Build one from an existing layer with :meth:`from_linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,  # type: ignore[no-untyped-def]
+                 *, config: LinearConfig | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(config or LinearConfig())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LinearConfig) -> "LowBitLinear":
+        """Wrap ``linear``'s own Parameters (no copy), so optimizers holding them keep working."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._setup(config)
+        return layer
+
+    def _setup(self, config: LinearConfig) -> None:
+        self.lb_config = config
+        self._weight_cache: tuple | None = None
+        device = self.weight.device
+        if config.compute == "fp8":
+            self.input_scaling = ScalingState(config.input.scaling, config.input.format).to(device)
+            self.weight_scaling = ScalingState(config.weight.scaling, config.weight.format).to(device)
+            self.grad_output_scaling = ScalingState(config.grad_output.scaling, config.grad_output.format).to(device)
+        elif config.compute == "int8":
+            self.register_buffer("fallback_fraction", torch.zeros((), device=device), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------ weight cast
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_lp, w_scale)``, cast at most once per weight version (i.e. once per optimizer step)."""
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                w_lp, w_scale = quantize_operand(self.weight.detach(), self.weight_scaling)
+            self._weight_cache = (key, w_lp, w_scale, None)
+        return self._weight_cache[1], self._weight_cache[2]
+
+    def quantized_weight_t(self, w_lp: torch.Tensor) -> torch.Tensor:
+        """Contiguous transpose of the cached FP8 weight (the input-grad GEMM's operand), made once per version."""
+        cache = self._weight_cache
+        if cache is not None and cache[1] is w_lp:
+            if cache[3] is None:
+                self._weight_cache = cache = (cache[0], cache[1], cache[2], w_lp.t().contiguous())
+            return cache[3]
+        return w_lp.t().contiguous()
+
+    def _weight_grad_output(self, dw: torch.Tensor) -> torch.Tensor:
+        """What autograd receives as the weight gradient: model dtype (O1) or FP8 with a scale (O2+)."""
+        if self.lb_config.weight_grad == "hp":
+            return dw.to(self.weight.dtype)
+        from lowbit_amp.grads.fp8_grad import to_fp8_weight_grad
+
+        return to_fp8_weight_grad(dw, self.weight, self.lb_config)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.lb_config.compute
+        if compute == "hp":
+            return F.linear(x, self.weight, self.bias)
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            if compute == "fp8":
+                from lowbit_amp.nn.fp8_function import Fp8LinearFunction
+
+                return Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype)
+            from lowbit_amp.nn.int8_function import Int8LinearFunction
+
+            return Int8LinearFunction.apply(x.to(out_dtype), self.weight, self.bias, self)
+
+    def extra_repr(self) -> str:
+        cfg = self.lb_config
+        text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if cfg.compute == "fp8":
+            text += (f", fp8 i:{self.input_scaling.extra_repr()},w:{self.weight_scaling.extra_repr()},"
+                     f"go:{self.grad_output_scaling.extra_repr()}")
+        elif cfg.compute == "int8":
+            i8 = cfg.int8
+            text += f", int8 i:{i8.act_block},w:{i8.weight_block},fallback:{i8.fallback_mode if i8.fallback else 'off'}"
+        else:
+            text += ", hp"
+        if cfg.weight_grad != "hp":
+            text += f", wgrad:{cfg.weight_grad}"
+        return text

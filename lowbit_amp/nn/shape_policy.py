@@ -1,0 +1,40 @@
+"""Which linear layers are worth converting, from their shapes.
+
+FP8 tensor-core GEMMs need in/out features that are multiples of 16. Small GEMMs do not gain: measured on an H100
+(shared/ANCHORS.md), FP8 over bf16 is 1.04x at 1024x768x768 and 1.19x at 2048x1024x1024 *before* the casts, which cost
+a pass over each operand; so with ``min_gemm_size='auto'`` layers with fewer than 1024*1024 weight elements stay in
+bf16 on CUDA. On CPU (emulation, for numerics only) nothing is excluded by size.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lowbit_amp.config import ModulePolicy
+
+AUTO_MIN_GEMM_SIZE_CUDA = 1024 * 1024
+
+
+def resolve_min_gemm_size(policy: ModulePolicy, device: torch.device) -> int:
+    if policy.min_gemm_size == "auto":
+        return AUTO_MIN_GEMM_SIZE_CUDA if device.type == "cuda" else 0
+    return int(policy.min_gemm_size)
+
+
+def skip_reason(name: str, linear: nn.Linear, policy: ModulePolicy, min_size: int, compute: str) -> str | None:
+    """Why ``linear`` stays in high precision, or None if it is eligible."""
+    for pattern in policy.exclude:
+        if re.search(pattern, name):
+            return f"excluded by pattern {pattern!r}"
+    if compute == "hp":
+        return None  # O0 / per-module 'hp' layers still go through LowBitLinear, in high precision
+    align = policy.alignment
+    if linear.in_features % align or linear.out_features % align:
+        return (f"shape {linear.out_features}x{linear.in_features} is not a multiple of {align} "
+                "(FP8/INT8 tensor-core GEMMs need it)")
+    if linear.in_features * linear.out_features < min_size:
+        return f"too small to gain ({linear.in_features * linear.out_features} < min_gemm_size {min_size})"
+    return None

@@ -1,0 +1,111 @@
+"""The scale formula and the casts between high precision and a low-precision format.
+
+Convention (the same as Transformer Engine's and ``torch._scaled_mm``'s inputs): ``scale`` maps high precision to the
+low-precision grid, ``lp = saturate(hp * scale)``; its reciprocal ``scale_inv`` maps back, ``hp ≈ lp * scale_inv``.
+
+The scale formula, ``scale = fmt.max / (amax * 2**margin)``, and its edge cases:
+
+==========================  ==================================================================================
+amax                        scale
+==========================  ==================================================================================
+finite, > 0                 ``fmt.max / (amax * 2**margin)``, rounded down to a power of two if asked
+0 (an all-zero tensor)      the previous scale if there is one, else 1 — any scale represents zeros exactly
+inf or NaN                  the previous scale if there is one, else 1 — a non-finite amax never becomes a scale
+so tiny the ratio overflows capped at ``2**126`` (finite in fp32, and its reciprocal is a normal fp32)
+==========================  ==================================================================================
+
+Saturation: values beyond ``±fmt.max`` after scaling clamp to ``±fmt.max`` (torch ≥ 2.12 saturates on its own; 2.11 does
+not, so we always clamp first). NaN inputs stay NaN in FP8 (E4M3/E5M2 have NaN encodings); for INT8 they become 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit_amp.formats import Format, get_format
+from lowbit_amp.quant.granularity import Granularity, as_2d, expand_scale
+
+MAX_SCALE = 2.0**126
+
+
+def compute_scale(
+    amax: torch.Tensor,
+    fmt: Format | str,
+    margin: int = 0,
+    power_of_2: bool = False,
+    prev_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scale(s) that map ``amax`` to ``fmt.max / 2**margin``; see the module docstring for the edge cases.
+
+    Works elementwise on any shape of ``amax`` (tensorwise, per-row, per-block) with no host synchronisation.
+    """
+    fmt = get_format(fmt)
+    amax = amax.float()
+    target = fmt.max / (2.0**margin)
+    usable = torch.isfinite(amax) & (amax > 0)
+    safe_amax = torch.where(usable, amax, torch.ones_like(amax))
+    scale = (target / safe_amax).clamp(max=MAX_SCALE)
+    if power_of_2:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    fallback = prev_scale.float().expand_as(scale) if prev_scale is not None else torch.ones_like(scale)
+    return torch.where(usable, scale, fallback)
+
+
+def _ulp(y_abs: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Spacing of ``fmt``'s grid at magnitude ``y_abs`` (subnormal spacing below ``min_normal``)."""
+    _, exponent = torch.frexp(torch.clamp(y_abs, min=fmt.min_normal))  # y = m * 2**e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(y_abs), exponent - 1 - fmt.mantissa_bits)
+
+
+def round_stochastic(y: torch.Tensor, fmt: Format | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round float32 ``y`` onto ``fmt``'s grid stochastically: up with probability equal to the distance fraction.
+
+    Unbiased, ``E[round(y)] = y``, inside the representable range. Returns float32 values exactly on the grid
+    (not saturated; callers clamp). Integer formats use ``floor(y + U[0,1))``.
+    """
+    fmt = get_format(fmt)
+    noise = torch.rand(y.shape, device=y.device, dtype=torch.float32, generator=generator)
+    if not fmt.is_float:
+        return torch.floor(y + noise)
+    magnitude = y.abs()
+    ulp = _ulp(magnitude, fmt)
+    rounded = torch.floor(magnitude / ulp + noise) * ulp
+    return torch.copysign(rounded, y)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    fmt: Format | str,
+    granularity: Granularity | str = "tensor",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``saturate(x * scale)`` cast to ``fmt.dtype``; ``x`` keeps its shape.
+
+    ``rounding='nearest'`` is round-to-nearest-even (bit-identical to torch's own conversion of the scaled, clamped
+    float32 value); ``'stochastic'`` rounds up with probability proportional to the remainder.
+    """
+    fmt = get_format(fmt)
+    g = Granularity.parse(granularity)
+    scaled = as_2d(x).float() * expand_scale(scale.float(), x.shape, g)
+    if rounding == "stochastic":
+        scaled = round_stochastic(scaled, fmt, generator)
+    elif rounding != "nearest":
+        raise ValueError(f"Unknown rounding {rounding!r}; use 'nearest' or 'stochastic'.")
+    scaled = scaled.clamp(-fmt.max, fmt.max)
+    if not fmt.is_float:
+        scaled = torch.nan_to_num(torch.round(scaled), nan=0.0)
+    return scaled.to(fmt.dtype).reshape(x.shape)
+
+
+def dequantize(
+    lp: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    granularity: Granularity | str = "tensor",
+) -> torch.Tensor:
+    """``lp * (1/scale)`` in ``out_dtype`` — the inverse of :func:`quantize` up to rounding."""
+    g = Granularity.parse(granularity)
+    scale_inv = expand_scale(scale.float().reciprocal(), lp.shape, g)
+    return (as_2d(lp).float() * scale_inv).to(out_dtype).reshape(lp.shape)

@@ -1,0 +1,29 @@
+"""Quantize one GEMM operand with its scaling state: amax → scale → saturating cast (+ record for delayed scaling).
+
+This is the single entry point the linear layers use, so a fused GPU kernel can replace the reference steps here
+without touching the layers. The reference does three passes over memory (amax, scale·cast, optional transpose).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit_amp.quant.cast import quantize
+from lowbit_amp.quant.granularity import amax as block_amax
+from lowbit_amp.scaling.state import ScalingState
+
+
+def quantize_operand(
+    x2d: torch.Tensor, state: ScalingState, rounding: str = "nearest"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(lp, scale)`` for a 2-D operand, using and updating ``state`` (no host sync)."""
+    gran = state.granularity
+    needs_amax = not (state.config.algo == "static" or (state.delayed and state._warm))
+    current_amax = None
+    if needs_amax or state.delayed:
+        current_amax = block_amax(x2d, gran)
+    scale = state.scale_for(current_amax)
+    if state.delayed and current_amax is not None:
+        state.record(current_amax)
+    lp = quantize(x2d, scale, state.fmt, gran, rounding=rounding)
+    return lp, scale
