@@ -176,7 +176,7 @@ class ModulePolicy:
 
     exclude: tuple[str, ...] = ("lm_head", "embed", r"(^|\.)head$", r"(^|\.)output$")
     alignment: int = 16
-    min_gemm_size: Any = 0
+    min_gemm_size: Any = "auto"
     overrides: tuple[ModuleOverride, ...] = ()
 
 

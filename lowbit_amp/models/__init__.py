@@ -1,0 +1,5 @@
+"""Small reference models used by the CLI, the examples and the convergence tests."""
+
+from lowbit_amp.models.tiny_gpt import RMSNorm, TinyGPT, TinyGPTConfig
+
+__all__ = ["RMSNorm", "TinyGPT", "TinyGPTConfig"]
