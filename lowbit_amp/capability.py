@@ -35,4 +35,14 @@ def triton_available() -> tuple[bool, str]:
 
 
 def uses_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and fp8_gemm_supported(device)[0]
+    if device.type != "cuda":
+        return False
+    # Cached per device: the query costs ~10 us of host time, paid by every FP8 GEMM in eager mode otherwise.
+    # (A plain dict, not functools.lru_cache, which torch.compile warns about when it traces the call.)
+    known = _FP8_TENSOR_CORES.get(device.index)
+    if known is None:
+        known = _FP8_TENSOR_CORES[device.index] = fp8_gemm_supported(device)[0]
+    return known
+
+
+_FP8_TENSOR_CORES: dict[int | None, bool] = {}

@@ -23,6 +23,7 @@ __all__ = [
     "LowBitConfig",
     "ModuleOverride",
     "ModulePolicy",
+    "MonitorConfig",
     "OperandConfig",
     "OptimizerConfig",
     "ScalingConfig",
@@ -110,8 +111,19 @@ class Int8Config:
     weight_block: str = "128x128"
     fallback: bool = True
     fallback_threshold: float = 6.0
-    fallback_mode: str = _choices("residual", "hp", default="residual")
+    fallback_mode: str = _choices("residual", "hp", default="hp")  # measured better: docs/int8.md
     stochastic_grad: bool = False
+    # The unit a fallback decision covers (rows x K-cols); its cols must equal act_block's, its rows are the kernel's
+    # M tile, so a fallback costs one extra product for that tile only (see lowbit_amp/int8/fallback.py).
+    fallback_block: str = "128x128"
+
+    def __post_init__(self) -> None:
+        from lowbit_amp.int8.layout import check_int8_config
+
+        try:
+            check_int8_config(self)
+        except ValueError as err:
+            raise ConfigError(f"linear.int8: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class LinearConfig:
     weight: OperandConfig = field(default_factory=lambda: OperandConfig("e4m3", ScalingConfig(algo="current")))
     grad_output: OperandConfig = field(default_factory=lambda: OperandConfig("e5m2", ScalingConfig()))
     fast_accum_forward: bool = True
+    # Fused Triton casts on CUDA in eager mode (lowbit_amp/kernels/dispatch.py); False runs the reference ops.
+    fused_cast: bool = True
     weight_grad: str = _choices("hp", "e4m3", "e5m2", default="hp")
     grad_accumulation: str = _choices("rescale", "fp32", default="rescale")
     int8: Int8Config = field(default_factory=Int8Config)
@@ -191,6 +205,45 @@ class LossScalingConfig:
     growth_interval: int = 2000
     min_scale: float = 1.0
     max_scale: float = 2.0**24
+    # Enhanced loss scaling (Mellempudi et al., arXiv 1905.12334): ``[[step, floor], ...]`` raises the scale's lower
+    # bound as training goes on, so a burst of overflows late in training cannot drive the scale down to where small
+    # E5M2/fp16 gradients underflow again. Empty: the floor is ``min_scale`` throughout.
+    floor_schedule: tuple = ()
+
+    def __post_init__(self) -> None:
+        from lowbit_amp.loss_scaler import normalize_floor_schedule
+
+        try:
+            object.__setattr__(self, "floor_schedule", normalize_floor_schedule(self.floor_schedule))
+        except ValueError as err:
+            raise ConfigError(f"loss_scaling.floor_schedule: {err}") from None
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Numerics monitor options (used when ``LowBitConfig.monitor`` is true; see docs/monitor.md).
+
+    ``every``: sample one call of each layer out of ``every`` (counters, amax/scale); ``sqnr_every``: recompute the
+    sampled GEMMs in float64 for an SQNR once per ``sqnr_every`` calls (0: never). ``auto_fallback``: move a layer to
+    high precision after ``fallback_after`` consecutive samples with a saturated fraction above
+    ``saturation_threshold`` on any operand. ``max_records``: samples kept per layer (oldest dropped).
+    """
+
+    every: int = 50
+    sqnr_every: int = 200
+    saturation_threshold: float = 1e-3
+    auto_fallback: bool = False
+    fallback_after: int = 3
+    max_records: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("every", "fallback_after", "max_records"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"monitor_options.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.sqnr_every < 0:
+            raise ConfigError(f"monitor_options.sqnr_every must be >= 0 (0 disables), got {self.sqnr_every}.")
+        if not 0.0 <= self.saturation_threshold < 1.0:
+            raise ConfigError(f"monitor_options.saturation_threshold must be in [0, 1), got {self.saturation_threshold}.")
 
 
 @dataclass(frozen=True)
@@ -204,6 +257,7 @@ class LowBitConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     loss_scaling: LossScalingConfig = field(default_factory=LossScalingConfig)
     monitor: bool = False
+    monitor_options: MonitorConfig = field(default_factory=MonitorConfig)
 
     def replace(self, **changes: Any) -> "LowBitConfig":
         return dataclasses.replace(self, **changes)
@@ -239,6 +293,10 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
             out.append(override)
         return tuple(out)
     if f.name == "min_gemm_size" and value == "auto":
+        return value
+    if f.name == "min_gemm_size":  # "auto" or a non-negative element count (the default's type, str, would reject 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where} must be 'auto' or an integer >= 0, got {value!r}.")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -276,6 +334,11 @@ def _merge(base: Any, changes: Mapping[str, Any], where: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}.linear must be a mapping of LinearConfig fields, got {value!r}.")
             updates[key] = dict(value)
+            continue
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            # merge into the value we already have (not the field default), so earlier layers survive
+            updates[key] = _merge(current, value, f"{where + '.' if where else ''}{key}")
             continue
         updates[key] = _coerce(value, fields[key], f"{where + '.' if where else ''}{key}")
     try:

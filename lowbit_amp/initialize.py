@@ -85,6 +85,10 @@ def initialize(
     report = convert_linears(model, config)
     manager = ScalingManager(model, sync_amax=config.comm.sync_amax)
     setattr(model, STATE_ATTR, AmpState(config, report, manager))
+    if config.monitor:  # hooks exist only when asked for, so the monitor costs nothing when off
+        from lowbit_amp.monitor import attach as attach_monitor
+
+        attach_monitor(model, None, config.monitor_options)
     if optimizer is None:
         return model
     if config.optimizer.enabled or config.linear.weight_grad != "hp":
@@ -93,6 +97,10 @@ def initialize(
         optimizer = build_optimizer(optimizer, model, config)
     optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: manager.update())
     optimizer.lowbit_loss_scaler = DynamicLossScaler(_loss_scaling(config, model))  # type: ignore[attr-defined]
+    if config.monitor:
+        from lowbit_amp.monitor import get_monitor
+
+        get_monitor(model).watch_optimizer(optimizer)
     return model, optimizer
 
 

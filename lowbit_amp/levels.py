@@ -6,8 +6,9 @@ level   linear GEMMs                weight grads        optimizer states     col
 O0      high precision, same path   model dtype         user's optimizer     as the engine does
 O1      FP8 (E4M3 fwd, E5M2 grads)  model dtype         user's optimizer     as the engine does
 O2      FP8                         FP8 E4M3 + scale    rebuilt to read FP8  high precision
-O3      FP8                         FP8 E4M3 + scale    FP8 m / FP16 v,      FP8 gradient reduction,
-                                                        16-bit master        FP8 weight all-gather
+O3      FP8                         FP8 E4M3 + scale    FP8 m / FP8 v (COAT  FP8 gradient reduction,
+                                                        range expansion),    FP8 weight all-gather
+                                                        bf16 SR master
 int8    INT8 block-wise + fallback  model dtype         user's optimizer     as the engine does
 ======  ==========================  ==================  ===================  ======================================
 
@@ -42,7 +43,10 @@ O2 = LowBitConfig(
 O3 = LowBitConfig(
     opt_level="O3",
     linear=LinearConfig(weight_grad="e4m3"),
-    optimizer=OptimizerConfig(enabled=True, exp_avg="e4m3", exp_avg_sq="fp16", master_weights="fp16"),
+    # Chosen by measurement (docs/optimizer.md): bf16 weights are their own master with stochastic rounding and v is
+    # E4M3 with COAT's range expansion — 5.09 B/param for a bf16 model vs 8.06 for FP8-LM's FP16 master + FP16 v, at
+    # the same tiny-GPT quality (all within 1.1% of O0).
+    optimizer=OptimizerConfig(enabled=True, exp_avg="e4m3", exp_avg_sq="e4m3_expand", master_weights="bf16_sr"),
     comm=CommConfig(grad_reduce="fp8", weight_all_gather="fp8"),
 )
 INT8 = LowBitConfig(opt_level="int8", linear=LinearConfig(compute="int8"))
@@ -73,7 +77,9 @@ def resolve_config(
     elif opt_level is None:
         config = O1
     elif isinstance(opt_level, os.PathLike) or str(opt_level).endswith((".yaml", ".yml")):
-        data = load_yaml(opt_level)
+        from lowbit_amp.config_files import locate_config  # "configs/X.yaml" also finds the shipped copy
+
+        data = load_yaml(locate_config(opt_level))
         base = preset(data.get("opt_level", "O1"))
         config = apply_overrides(base, data)
     else:

@@ -17,14 +17,51 @@ import torch
 from lowbit_amp.config import LossScalingConfig
 
 
+def normalize_floor_schedule(schedule: object) -> tuple[tuple[int, float], ...]:
+    """Validate ``[[step, floor], ...]`` (steps strictly increasing, floors > 0) into a tuple of ``(int, float)``."""
+    if schedule is None:
+        return ()
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, (list, tuple)):
+        raise ValueError(f"expected a list of [step, floor] pairs, e.g. [[0, 1.0], [10000, 128.0]], got {schedule!r}")
+    pairs: list[tuple[int, float]] = []
+    for item in schedule:
+        if isinstance(item, (str, bytes)) or not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"each entry must be a [step, floor] pair, got {item!r}")
+        step, floor = item
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not float(floor) > 0:
+            raise ValueError(f"floor must be a positive number, got {floor!r}")
+        if pairs and step <= pairs[-1][0]:
+            raise ValueError(f"steps must be strictly increasing, got {step} after {pairs[-1][0]}")
+        pairs.append((int(step), float(floor)))
+    return tuple(pairs)
+
+
+def scale_floor(config: LossScalingConfig, step: int) -> float:
+    """The lowest scale allowed at optimizer step ``step``: the last schedule floor reached, never below ``min_scale``."""
+    floor = config.min_scale
+    for start, value in config.floor_schedule:
+        if step < start:
+            break
+        floor = max(config.min_scale, value)
+    return floor
+
+
 class DynamicLossScaler:
-    """Holds the loss scale and its growth tracker; ``state_dict`` round-trips them."""
+    """Holds the loss scale and its growth tracker; ``state_dict`` round-trips them.
+
+    With ``config.floor_schedule`` (enhanced loss scaling, arXiv 1905.12334) the scale never backs off below the floor
+    reached at the current step (``steps`` counts every update, skipped or not), and is raised to it when the floor
+    rises. Steps whose gradients overflow are still skipped: the floor only limits how far the scale falls.
+    """
 
     def __init__(self, config: LossScalingConfig | None = None) -> None:
         self.config = config or LossScalingConfig(mode="dynamic")
         self.scale = float(self.config.init_scale)
         self.clean_steps = 0
         self.skipped_steps = 0
+        self.steps = 0
 
     def unscale_and_check(self, params: list[torch.nn.Parameter]) -> bool:
         """Divide grads by the scale; True when every gradient is finite."""
@@ -42,8 +79,10 @@ class DynamicLossScaler:
         cfg = self.config
         if cfg.mode != "dynamic":
             return
+        self.steps += 1
+        floor = scale_floor(cfg, self.steps)
         if not finite:
-            self.scale = max(self.scale * cfg.backoff_factor, cfg.min_scale)
+            self.scale = max(self.scale * cfg.backoff_factor, floor)
             self.clean_steps = 0
             self.skipped_steps += 1
             return
@@ -51,14 +90,17 @@ class DynamicLossScaler:
         if self.clean_steps >= cfg.growth_interval:
             self.scale = min(self.scale * cfg.growth_factor, cfg.max_scale)
             self.clean_steps = 0
+        self.scale = max(self.scale, floor)
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps,
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.steps = int(state.get("steps", 0))  # checkpoints from before the floor schedule lack it
 
 
 def loss_scaler_of(optimizer: torch.optim.Optimizer) -> DynamicLossScaler:

@@ -51,11 +51,14 @@ def fp8_mm_nt(
     b_granularity: Granularity | str | None = None,
     bias: torch.Tensor | None = None,
     fast_accum: bool = False,
+    a_scale_inv: torch.Tensor | None = None,
+    b_scale_inv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dequant(a) @ dequant(b).T (+ bias)`` in ``out_dtype``; scales use the ``lp = hp * scale`` convention.
 
     ``b_granularity`` defaults to ``a_granularity``; mixed granularities (e.g. 1x128 activations with 128x128
-    weights) run the emulation until a block-scaled kernel serves them.
+    weights) run the emulation until a block-scaled kernel serves them. ``a_scale_inv``/``b_scale_inv``: the
+    reciprocals when the caller already has them (the fused casts write them), saving two launches per GEMM.
     """
     gran = Granularity.parse(a_granularity)
     b_gran = gran if b_granularity is None else Granularity.parse(b_granularity)
@@ -63,8 +66,8 @@ def fp8_mm_nt(
         return _emulated(a, a_scale, gran, b, b_scale, b_gran, out_dtype, bias)
     rows = a.shape[0]
     pad = (-rows) % _ALIGN
-    scale_a = a_scale.float().reciprocal()
-    scale_b = b_scale.float().reciprocal()
+    scale_a = a_scale_inv if a_scale_inv is not None else a_scale.float().reciprocal()
+    scale_b = b_scale_inv if b_scale_inv is not None else b_scale.float().reciprocal()
     if pad:
         a = F.pad(a.view(torch.uint8), (0, 0, 0, pad)).view(a.dtype)
         if not gran.is_tensorwise:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit_amp.config import LinearConfig
-from lowbit_amp.quant.operand import quantize_operand
+from lowbit_amp.quant.operand import quantize_operand_t
 from lowbit_amp.scaling.state import ScalingState
 
 
@@ -51,21 +51,32 @@ class LowBitLinear(nn.Linear):
             self.register_buffer("fallback_fraction", torch.zeros((), device=device), persistent=False)
 
     # ------------------------------------------------------------------------------------------------ weight cast
-    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_lp, w_scale)``, cast at most once per weight version (i.e. once per optimizer step)."""
+    def quantized_weight(self, with_transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_lp, w_scale)``, cast at most once per weight version (i.e. once per optimizer step).
+
+        ``with_transpose``: also make the FP8 ``Wᵀ`` the input-grad GEMM reads, in the same fused pass on CUDA
+        (lowbit_amp/kernels); the cache then also holds ``1/w_scale`` (:meth:`quantized_weight_scale_inv`).
+        """
         key = (self.weight._version, self.weight.data_ptr())
-        if self._weight_cache is None or self._weight_cache[0] != key:
+        cache = self._weight_cache
+        if cache is None or cache[0] != key or (with_transpose and cache[3] is None):
             with torch.no_grad():
-                w_lp, w_scale = quantize_operand(self.weight.detach(), self.weight_scaling)
-            self._weight_cache = (key, w_lp, w_scale, None)
+                w_lp, w_t, w_scale, w_scale_inv = quantize_operand_t(
+                    self.weight.detach(), self.weight_scaling, with_transpose, self.lb_config.fused_cast)
+            self._weight_cache = (key, w_lp, w_scale, w_t, w_scale_inv)
         return self._weight_cache[1], self._weight_cache[2]
+
+    def quantized_weight_scale_inv(self, w_lp: torch.Tensor) -> torch.Tensor | None:
+        """``1/w_scale`` of the cached cast ``w_lp`` when the fused kernel wrote it, else None."""
+        cache = self._weight_cache
+        return cache[4] if cache is not None and cache[1] is w_lp and len(cache) > 4 else None
 
     def quantized_weight_t(self, w_lp: torch.Tensor) -> torch.Tensor:
         """Contiguous transpose of the cached FP8 weight (the input-grad GEMM's operand), made once per version."""
         cache = self._weight_cache
         if cache is not None and cache[1] is w_lp:
             if cache[3] is None:
-                self._weight_cache = cache = (cache[0], cache[1], cache[2], w_lp.t().contiguous())
+                self._weight_cache = cache = (cache[0], cache[1], cache[2], w_lp.t().contiguous(), *cache[4:])
             return cache[3]
         return w_lp.t().contiguous()
 
@@ -102,6 +113,8 @@ class LowBitLinear(nn.Linear):
         elif cfg.compute == "int8":
             i8 = cfg.int8
             text += f", int8 i:{i8.act_block},w:{i8.weight_block},fallback:{i8.fallback_mode if i8.fallback else 'off'}"
+            if i8.fallback and hasattr(self, "fallback_fraction"):  # last forward's fraction (a host sync: repr only)
+                text += f"@{i8.fallback_threshold:g}x,last:{float(self.fallback_fraction):.3f}"
         else:
             text += ", hp"
         if cfg.weight_grad != "hp":

@@ -2,8 +2,11 @@
 
 FP8 tensor-core GEMMs need in/out features that are multiples of 16. Small GEMMs do not gain: measured on an H100
 (shared/ANCHORS.md), FP8 over bf16 is 1.04x at 1024x768x768 and 1.19x at 2048x1024x1024 *before* the casts, which cost
-a pass over each operand; so with ``min_gemm_size='auto'`` layers with fewer than 1024*1024 weight elements stay in
-bf16 on CUDA. On CPU (emulation, for numerics only) nothing is excluded by size.
+a pass over each operand, and in eager mode every FP8 layer also pays ~3 cast launches and 3 ``_scaled_mm`` calls of
+host time. The ``auto`` threshold comes from bench/bench_all.py's per-layer benchmark (forward + backward, 8192 tokens,
+H100, 2026-11-24; docs/performance.md): every layer with ``in*out >= 16.8M`` (4096x4096 and up) gained, every one
+with ``in*out <= 4.2M`` (1024x4096, 2048x2048, 1024x1024, ...) lost, so layers below 8M weight elements stay in bf16
+on CUDA. On CPU (emulation, for numerics only) nothing is excluded by size.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from lowbit_amp.config import ModulePolicy
 
-AUTO_MIN_GEMM_SIZE_CUDA = 1024 * 1024
+AUTO_MIN_GEMM_SIZE_CUDA = 8 * 1024 * 1024
 
 
 def resolve_min_gemm_size(policy: ModulePolicy, device: torch.device) -> int:

@@ -57,14 +57,19 @@ def _ulp(y_abs: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(y_abs), exponent - 1 - fmt.mantissa_bits)
 
 
-def round_stochastic(y: torch.Tensor, fmt: Format | str, generator: torch.Generator | None = None) -> torch.Tensor:
+def round_stochastic(
+    y: torch.Tensor, fmt: Format | str, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Round float32 ``y`` onto ``fmt``'s grid stochastically: up with probability equal to the distance fraction.
 
     Unbiased, ``E[round(y)] = y``, inside the representable range. Returns float32 values exactly on the grid
-    (not saturated; callers clamp). Integer formats use ``floor(y + U[0,1))``.
+    (not saturated; callers clamp). Integer formats use ``floor(y + U[0,1))``. ``noise`` (U[0,1) float32, ``y``'s
+    shape) replaces the draw from ``generator``: the optimizer passes counter-based noise so a resumed run
+    reproduces the same roundings and the step stays traceable by torch.compile.
     """
     fmt = get_format(fmt)
-    noise = torch.rand(y.shape, device=y.device, dtype=torch.float32, generator=generator)
+    if noise is None:
+        noise = torch.rand(y.shape, device=y.device, dtype=torch.float32, generator=generator)
     if not fmt.is_float:
         return torch.floor(y + noise)
     magnitude = y.abs()

@@ -27,3 +27,19 @@ def quantize_operand(
         state.record(current_amax)
     lp = quantize(x2d, scale, state.fmt, gran, rounding=rounding)
     return lp, scale
+
+
+def quantize_operand_t(
+    x2d: torch.Tensor, state: ScalingState, want_transpose: bool, use_kernel: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(lp, lpᵀ or None, scale, 1/scale or None)``: :func:`quantize_operand` plus the contiguous transpose the
+    backward GEMMs read, in one fused pass on CUDA when :mod:`lowbit_amp.kernels.dispatch` allows (same bytes and
+    state updates as the reference; the fused path also returns the inverse scale so the GEMM needs no reciprocal)."""
+    from lowbit_amp.kernels.dispatch import fused_cast_unavailable
+
+    if fused_cast_unavailable(x2d, state, enabled=use_kernel) is None:
+        from lowbit_amp.kernels.fp8_cast import fused_quantize
+
+        return fused_quantize(x2d, state, want_transpose)
+    lp, scale = quantize_operand(x2d, state)
+    return lp, (lp.t().contiguous() if want_transpose else None), scale, None

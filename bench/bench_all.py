@@ -1,0 +1,378 @@
+"""lowbit_amp speed benchmark: casts, per-shape linear layers and the anchor training workloads, in one process.
+
+Usage (on a CUDA machine, from the repo root):
+    PYTHONPATH=. python bench/bench_all.py [cast] [linear] [e2e_big] [e2e_small] [profile]   (no args: all but profile)
+
+Every section prints a table and appends JSON lines (GPU, versions, date, git commit) to ``$OUT/bench.jsonl``
+(``$OUT`` defaults to ./out). Timings: medians of CUDA-event measurements (``triton.testing.do_bench`` for kernels and
+layers; the end-to-end steps use the same protocol as shared/anchors/anchor_gpu.py: 3 warm-up steps, then the median of
+5 runs of 4 steps). Variants run side by side in this one process so their ratios share clocks and thermals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
+DEV = "cuda"
+
+
+def _git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except ImportError:
+        info["torchao"] = None
+    return info
+
+
+META: dict = {}
+
+
+def emit(rec: dict) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    line = json.dumps({**META, **rec})
+    with open(os.path.join(OUT, "bench.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def ms(fn, grad_to_none=None) -> float:  # type: ignore[no-untyped-def]
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+# --------------------------------------------------------------------------------------------------------- casts
+def _copy_bandwidth_tbps() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (the memory-bound floor's denominator)."""
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e9
+
+
+def bench_cast() -> None:
+    """Fused Triton cast vs the eager reference (and vs Inductor's fusion of it), with the memory-bound floor."""
+    import copy
+
+    from lowbit_amp.config import ScalingConfig
+    from lowbit_amp.kernels.fp8_cast import fused_quantize
+    from lowbit_amp.quant.operand import quantize_operand
+    from lowbit_amp.scaling.state import ScalingState
+
+    bw = _copy_bandwidth_tbps()
+    print(f"\n== casts (device copy bandwidth {bw:.2f} TB/s) ==")
+    print(f"{'shape':>14} {'mode':>13} {'ref eager':>10} {'compiled':>9} {'fused':>8} {'speedup':>8} {'floor':>7}")
+    for rows, cols in [(16384, 4096), (8192, 14336), (8192, 1024), (4096, 4096)]:
+        x = torch.randn(rows, cols, device=DEV, dtype=torch.bfloat16)
+        with_compiled = (rows, cols) == (16384, 4096)  # Inductor's fusion, once (each compile costs seconds)
+        for mode in ("current", "delayed_warm"):
+            state = ScalingState(ScalingConfig(algo="current" if mode == "current" else "delayed"), "e4m3").to(DEV)
+            if mode == "delayed_warm":
+                state.scale.fill_(10.0)
+                state._warm = True
+            ref_state = copy.deepcopy(state)
+            ref_state._warm = state._warm
+
+            def ref() -> tuple[torch.Tensor, torch.Tensor]:  # returns its outputs so Inductor cannot drop them
+                lp, _ = quantize_operand(x, ref_state)
+                return lp, lp.t().contiguous()
+
+            t_ref = ms(ref)
+            t_comp = ms(torch.compile(ref)) if with_compiled else None
+            t_fused = ms(lambda: fused_quantize(x, state, True))
+            n = rows * cols
+            floor_bytes = n * (2 + 1 + 1) + (2 * n if mode == "current" else 0)  # read x (twice if current), write lp, lpᵀ
+            floor = floor_bytes / bw / 1e9
+            comp = f"{t_comp:9.3f}" if t_comp is not None else f"{'-':>9}"
+            print(f"{rows}x{cols:>6} {mode:>13} {t_ref:10.3f} {comp} {t_fused:8.3f} {t_ref / t_fused:7.1f}x {floor:7.3f}")
+            emit({"section": "cast", "shape": [rows, cols], "mode": mode, "ref_eager_ms": round(t_ref, 4),
+                  "ref_compiled_ms": round(t_comp, 4) if t_comp is not None else None, "fused_ms": round(t_fused, 4), "floor_ms": round(floor, 4),
+                  "copy_TBps": round(bw, 3)})
+    # Host-side cost per launch (what eager mode pays per cast on the CPU, independent of size).
+    small = torch.randn(256, 256, device=DEV, dtype=torch.bfloat16)
+    state = ScalingState(ScalingConfig(), "e4m3").to(DEV)
+    state.scale.fill_(10.0)
+    state._warm = True
+    for _ in range(20):
+        fused_quantize(small, state, True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        fused_quantize(small, state, True)
+    host_us = (time.perf_counter() - t0) * 1000
+    torch.cuda.synchronize()
+    print(f"host time per fused cast call (delayed, warm): {host_us:.1f} us")
+    emit({"section": "cast_host_overhead", "host_us_per_call": round(host_us, 2)})
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fused_quantize(small, state, True)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+# --------------------------------------------------------------------------------------------------------- linear
+LINEAR_SHAPES = [  # (M tokens, K in, N out): the two anchor workloads' layers, plus smaller ones for the policy
+    (8192, 4096, 12288), (8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096),
+    (8192, 1024, 3072), (8192, 1024, 1024), (8192, 1024, 4096), (8192, 4096, 1024),
+    (8192, 2048, 2048), (8192, 768, 768), (8192, 512, 512), (2048, 1024, 1024), (2048, 4096, 4096),
+]
+
+
+def _linear_times(layer: nn.Module, x: torch.Tensor, reset) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    g = torch.randn(x.shape[0], layer.out_features, device=DEV, dtype=x.dtype)
+    params = [x, layer.weight]
+
+    def fwd() -> None:
+        reset()
+        layer(x)
+
+    y = layer(x)
+
+    def bwd() -> None:
+        y.backward(g, retain_graph=True)
+
+    def both() -> None:
+        reset()
+        layer(x).backward(g)
+
+    return ms(fwd, params), ms(bwd, params), ms(both, params)
+
+
+def bench_linear() -> None:
+    """bf16 nn.Linear vs LowBitLinear (O1: delayed input/grad scaling, current weight scaling, weight cast every call
+    as in one micro-batch per optimizer step)."""
+    from lowbit_amp.levels import O1
+    from lowbit_amp.nn.linear import LowBitLinear
+    from lowbit_amp.scaling.manager import ScalingManager
+
+    print("\n== linear layer, bf16 vs lowbit O1 (ms; ratio = bf16 / fp8) ==")
+    results: list[tuple[int, int, float]] = []
+    print(f"{'M x K x N':>20} {'bf16 fwd':>9} {'bwd':>7} {'both':>7} | {'fp8 fwd':>8} {'bwd':>7} {'both':>7} | "
+          f"{'fwd x':>6} {'bwd x':>6} {'both x':>6}")
+    for m, k, n in LINEAR_SHAPES:
+        torch.manual_seed(0)
+        ref = nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        t_bf = _linear_times(ref, x, lambda: None)
+        low = LowBitLinear.from_linear(ref, O1.linear)
+        manager = ScalingManager(low)
+        low(x).backward(torch.randn(m, n, device=DEV, dtype=torch.bfloat16))
+        manager.update()  # warm: delayed scaling reads its scale from the history from now on
+
+        def reset() -> None:
+            low._weight_cache = None
+
+        t_lb = _linear_times(low, x, reset)
+        r = [a / b for a, b in zip(t_bf, t_lb)]
+        print(f"{m:>6}x{k:>5}x{n:>6} {t_bf[0]:9.3f} {t_bf[1]:7.3f} {t_bf[2]:7.3f} | {t_lb[0]:8.3f} {t_lb[1]:7.3f} "
+              f"{t_lb[2]:7.3f} | {r[0]:6.2f} {r[1]:6.2f} {r[2]:6.2f}")
+        emit({"section": "linear", "M": m, "K": k, "N": n, "bf16_ms": [round(t, 4) for t in t_bf],
+              "fp8_ms": [round(t, 4) for t in t_lb], "speedup_fwd_bwd_both": [round(v, 3) for v in r]})
+        results.append((m, k * n, r[2]))
+    # The shape policy's threshold: the smallest K*N (at 8192 tokens) from which every measured layer gains.
+    at_8k = sorted((kn, both) for m, kn, both in results if m == 8192)
+    losing = [kn for kn, both in at_8k if both < 1.0]
+    threshold = next((kn for kn, _ in at_8k if not losing or kn > max(losing)), None)
+    print(f"shape policy: smallest K*N from which every measured 8192-token layer gains: {threshold}")
+    emit({"section": "linear_policy", "min_gemm_size_suggested": threshold})
+
+
+# --------------------------------------------------------------------------------------------------------- e2e
+class Block(nn.Module):
+    """Llama-style block, identical to shared/anchors/anchor_gpu.py's."""
+
+    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1 = nn.RMSNorm(dim)
+        self.n2 = nn.RMSNorm(dim)
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.w1 = nn.Linear(dim, ffn, bias=False)
+        self.w3 = nn.Linear(dim, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.wqkv(self.n1(x)).view(B, T, 3, self.heads, D // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(a.transpose(1, 2).reshape(B, T, D))
+        h = self.n2(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # type: ignore[no-untyped-def]
+    model = nn.Sequential(*[Block(dim, heads, ffn) for _ in range(layers)]).to(DEV, torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    note = ""
+    if name.startswith("lowbit"):
+        import lowbit_amp as amp
+
+        # "lowbit_O1_all_*": the shape-aware policy switched off (every aligned linear in FP8), to show what it saves.
+        overrides = {"modules": {"min_gemm_size": 0}} if "_all_" in name else {}
+        try:
+            model, opt = amp.initialize(model, opt, opt_level="O1", **overrides)
+            report = amp.amp_state(model).report
+            note = f"{len(report.converted)}/{len(report.decisions)} linears FP8"
+        except amp.NoEligibleLayersError:
+            note = "policy kept every linear in bf16 (initialize refused: nothing to convert); model unchanged"
+    elif name.startswith("torchao"):
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    if name.endswith("compile"):
+        model = torch.compile(model)
+    return model, opt, note
+
+
+E2E_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "bf16_compile", "lowbit_O1_compile", "torchao_tensorwise_compile",
+                "torchao_tensorwise_eager"]
+E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "bf16_compile", "lowbit_O1_compile",
+                      "lowbit_O1_all_compile", "torchao_tensorwise_compile"]
+
+
+def _time_variant(name: str, tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int) -> dict:
+    """One variant's step time (anchor protocol) and peak memory; its model is freed on return."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt, note = _make_variant(name, dim, heads, ffn, layers)
+    x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(3):
+        loss = step()
+    torch.cuda.synchronize()
+    warm = time.time() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(4):
+            loss = step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 4)
+    times.sort()
+    rec = {"section": "e2e", "workload": tag, "variant": name, "step_ms": round(times[2], 2),
+           "step_ms_min_max": [round(times[0], 2), round(times[-1], 2)], "tok_per_s": round(batch * seq / times[2] * 1000),
+           "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warm_s": round(warm, 1),
+           "loss_finite": bool(torch.isfinite(loss).item()), "note": note}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int,
+        variants: list[str] = E2E_VARIANTS) -> list[dict]:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        variants = [v for v in variants if not v.startswith("torchao")]
+        print("torchao not importable: its variants are skipped")
+    rows = [_time_variant(name, tag, dim, heads, ffn, layers, batch, seq) for name in variants]
+    base = {mode: next((r["step_ms"] for r in rows if r["variant"] == f"bf16_{mode}"), None) for mode in ("eager", "compile")}
+    print(f"\n== {tag}: step time, ratio to bf16 of the same mode ==")
+    print(f"{'variant':>28} {'step ms':>8} {'vs bf16 same mode':>18} {'vs bf16 eager':>14} {'peak GiB':>9}")
+    for r in rows:
+        mode = "compile" if r["variant"].endswith("compile") else "eager"
+        r["vs_bf16_same_mode"] = round(base[mode] / r["step_ms"], 3)
+        r["vs_bf16_eager"] = round(base["eager"] / r["step_ms"], 3)
+        print(f"{r['variant']:>28} {r['step_ms']:8.2f} {r['vs_bf16_same_mode']:18.2f} {r['vs_bf16_eager']:14.2f} "
+              f"{r['peak_GiB']:9.2f}  {r['note']}")
+        emit(r)
+    return rows
+
+
+def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int, variant: str) -> None:
+    """Where the time goes in one lowbit step: top CUDA kernels, written to $OUT/profile_<tag>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, opt, _ = _make_variant(variant, dim, heads, ffn, layers)
+    x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
+
+    def step() -> None:
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"profile_{tag}_{variant}.txt"), "w") as f:
+        f.write(table)
+    print(f"\n== profile {tag} {variant} (2 steps) ==")
+    print("\n".join(table.splitlines()[:25]))
+
+
+def main(argv: list[str]) -> None:
+    META.update(_versions())
+    print(json.dumps(META))
+    what = argv or ["cast", "linear", "e2e_big", "e2e_small"]
+    for section in what:
+        if section == "cast":
+            bench_cast()
+        elif section == "linear":
+            bench_linear()
+        elif section == "e2e_big":
+            e2e("d4096_ffn14336_L2_tok8192", 4096, 32, 14336, 2, 2, 4096)
+        elif section == "e2e_small":
+            e2e("d1024_ffn4096_L8_tok8192", 1024, 16, 4096, 8, 8, 1024, E2E_SMALL_VARIANTS)
+        elif section == "profile":
+            profile("d4096", 4096, 32, 14336, 2, 2, 4096, "lowbit_O1_eager")
+            profile("d1024", 1024, 16, 4096, 8, 8, 1024, "lowbit_O1_eager")
+        else:
+            raise SystemExit(f"unknown section {section!r}; use cast, linear, e2e_big, e2e_small, profile")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

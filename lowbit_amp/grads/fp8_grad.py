@@ -1,0 +1,134 @@
+"""``Fp8Grad``: a weight gradient stored as FP8 codes + one FP32 scale (1 byte per parameter), usable as ``p.grad``.
+
+Why a tensor subclass: autograd's engine casts a returned gradient whose dtype differs from the input's back to the
+input's dtype, so a plain ``float8`` tensor would be silently widened to bf16/fp32. ``Fp8Grad`` is a *wrapper* subclass
+whose declared dtype/shape/device are the parameter's, while its only storage is the FP8 ``codes`` and a 0-d ``scale``
+(``hp ≈ codes / scale``, the core convention of :mod:`lowbit_amp.quant.cast`).
+
+What user code does with gradients keeps working (ops live in :mod:`lowbit_amp.grads.ops`):
+
+* micro-batch accumulation (AccumulateGrad's ``grad += new``) — ``rescale`` mode sums in FP32 and re-quantizes with
+  a fresh scale (stays 1 B/param); ``fp32`` mode keeps an FP32 accumulator until :meth:`Fp8Grad.finalize` quantizes
+  once (4 B/param while accumulating). ``docs/optimizer.md`` has the measured error of each.
+* ``mul_``/``div_`` by a scalar and ``_foreach_mul_`` change only the scale (``clip_grad_norm_``, loss unscaling);
+* ``norm``/``_foreach_norm`` compute on the dequantized values; ``zero_``/``_foreach_zero_`` keep the storage;
+* any other op sees the dequantized tensor in the declared dtype (inspection), and any other in-place op re-encodes.
+
+Non-finite gradients: a NaN/inf anywhere in the FP32 gradient makes the scale NaN, so every dequantized element is NaN
+and ``isfinite(grad).all()`` (the loss scaler's check) and the optimizer's skip both see it — a saturating cast alone
+would have turned inf into a finite ±448·scale⁻¹ and hidden it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+
+from lowbit_amp.formats import Format, get_format
+from lowbit_amp.quant.cast import compute_scale, dequantize, quantize
+from lowbit_amp.quant.granularity import amax
+
+__all__ = ["ACCUMULATION_MODES", "Fp8Grad", "encode_fp8", "to_fp8_weight_grad"]
+
+ACCUMULATION_MODES = ("rescale", "fp32")
+
+
+def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above)."""
+    current = amax(hp)
+    scale = compute_scale(current, fmt)
+    scale = torch.where(torch.isfinite(current), scale, torch.full_like(scale, float("nan")))
+    return quantize(hp, scale, fmt), scale
+
+
+class Fp8Grad(torch.Tensor):
+    """A gradient of a parameter of ``dtype``; holds ``codes`` (FP8, same shape) and a 0-d FP32 ``scale``.
+
+    In ``fp32`` accumulation mode ``pending`` holds an FP32 sum instead of codes until :meth:`finalize`.
+    """
+
+    _codes: torch.Tensor | None
+    _scale: torch.Tensor
+    _fmt: Format
+    _mode: str
+    _pending: torch.Tensor | None
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor | None, scale: torch.Tensor, fmt: Format, dtype: torch.dtype,
+                mode: str = "rescale", pending: torch.Tensor | None = None) -> Self:
+        ref = codes if codes is not None else pending
+        assert ref is not None, "Fp8Grad needs codes or a pending FP32 sum"
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, ref.shape, dtype=dtype, device=ref.device, requires_grad=False
+        )
+
+    def __init__(self, codes: torch.Tensor | None, scale: torch.Tensor, fmt: Format, dtype: torch.dtype,
+                 mode: str = "rescale", pending: torch.Tensor | None = None) -> None:
+        self._codes, self._scale, self._fmt, self._mode, self._pending = codes, scale, fmt, mode, pending
+
+    # ------------------------------------------------------------------------------------------------ accessors
+    @property
+    def fmt(self) -> Format:
+        return self._fmt
+
+    def finalize(self) -> Fp8Grad:
+        """Quantize a pending FP32 sum (``fp32`` accumulation mode) into codes; a no-op otherwise. Returns self."""
+        if self._pending is not None:
+            self._codes, self._scale = encode_fp8(self._pending, self._fmt)
+            self._pending = None
+        return self
+
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 codes and the FP32 scale (``hp = codes / scale``) the optimizer reads directly."""
+        self.finalize()
+        assert self._codes is not None
+        return self._codes, self._scale
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._pending is not None:
+            return self._pending.to(dtype)
+        assert self._codes is not None
+        return dequantize(self._codes, self._scale, dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes this gradient really holds (codes or pending sum, plus the scale)."""
+        held = self._pending if self._pending is not None else self._codes
+        assert held is not None
+        return held.untyped_storage().nbytes() + self._scale.untyped_storage().nbytes()
+
+    def set_from(self, hp: torch.Tensor) -> None:
+        """Re-encode this gradient in place from high-precision values (same storage semantics)."""
+        if self._pending is not None:
+            self._pending = hp.float().clone()
+        else:
+            self._codes, self._scale = encode_fp8(hp.float(), self._fmt)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        state = "pending fp32" if self._pending is not None else f"{self._fmt}"
+        return f"Fp8Grad({state}, shape={tuple(self.shape)}, dtype={self.dtype}, value={self.dequantize(self.dtype)})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from lowbit_amp.grads.ops import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+
+def to_fp8_weight_grad(dw: torch.Tensor, weight: torch.Tensor, cfg: Any) -> Fp8Grad:
+    """The weight gradient autograd receives at O2+: ``dw`` (FP32 from the backward GEMM) as an :class:`Fp8Grad`.
+
+    ``cfg`` is the layer's :class:`~lowbit_amp.config.LinearConfig`; ``weight_grad`` picks E4M3/E5M2 and
+    ``grad_accumulation`` the accumulation mode.
+    """
+    mode = cfg.grad_accumulation
+    if mode not in ACCUMULATION_MODES:
+        raise ValueError(f"linear.grad_accumulation={mode!r} is not one of {list(ACCUMULATION_MODES)}.")
+    fmt = get_format(cfg.weight_grad)
+    if dw.shape != weight.shape:
+        raise ValueError(f"weight gradient shape {tuple(dw.shape)} does not match the weight's {tuple(weight.shape)}.")
+    dw = dw.float()
+    if mode == "fp32":
+        return Fp8Grad(None, torch.ones((), device=dw.device), fmt, weight.dtype, mode, pending=dw)
+    codes, scale = encode_fp8(dw, fmt)
+    return Fp8Grad(codes, scale, fmt, weight.dtype, mode)

@@ -1,0 +1,63 @@
+"""Block-wise symmetric INT8: one float32 scale per ``rows x cols`` block, ``q = round(x * scale)`` in [-127, 127].
+
+The scale of a block is ``127 / amax(block)`` (the core formula, :func:`lowbit_amp.quant.cast.compute_scale`, with its
+edge cases: an all-zero block gets scale 1). Symmetric and without -128 so that negation is exact and the INT32
+accumulator of a K-block of 128 products, at most ``127² · 128 < 2²⁴``, is also exact in float32. Ragged edges are
+smaller blocks (the core granularity rule). Gradients may round stochastically (unbiased, ``E[q/scale] = x``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit_amp.formats import INT8
+from lowbit_amp.quant.cast import compute_scale, dequantize, quantize
+from lowbit_amp.quant.granularity import Granularity, amax
+
+__all__ = ["Int8Blocks", "dequantize_blocks", "quantize_blocks"]
+
+
+@dataclass
+class Int8Blocks:
+    """A block-quantized 2-D operand: ``x ≈ q / scale`` blockwise.
+
+    Attributes:
+        q: int8 codes, ``(rows, cols)``.
+        scale: float32 ``(ceil(rows/br), ceil(cols/bc))``; the hp → int8 multiplier (core convention).
+        block: the block shape ``br x bc``.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    block: Granularity
+
+    def t(self) -> "Int8Blocks":
+        """The transposed operand, free only for square blocks (the scales transpose with the codes)."""
+        if self.block.rows != self.block.cols:
+            raise ValueError(f"Block {self.block} is not square: re-quantize the transposed tensor instead.")
+        return Int8Blocks(self.q.t().contiguous(), self.scale.t().contiguous(), self.block)
+
+    def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_blocks(self, out_dtype)
+
+
+def quantize_blocks(
+    x2d: torch.Tensor,
+    block: Granularity | str,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Int8Blocks:
+    """Quantize a 2-D tensor to INT8 with one scale per ``block`` (reference; runs on any device)."""
+    if x2d.dim() != 2:
+        raise ValueError(f"quantize_blocks expects a 2-D tensor, got shape {tuple(x2d.shape)}; flatten leading dims first.")
+    gran = Granularity.parse(block)
+    scale = compute_scale(amax(x2d, gran), INT8)
+    q = quantize(x2d, scale, INT8, gran, rounding=rounding, generator=generator)
+    return Int8Blocks(q, scale, gran)
+
+
+def dequantize_blocks(blocks: Int8Blocks, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q / scale`` blockwise, in ``out_dtype``."""
+    return dequantize(blocks.q, blocks.scale, out_dtype, blocks.block)

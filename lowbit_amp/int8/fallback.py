@@ -1,0 +1,111 @@
+"""Dynamic block-level fallback (arXiv 2503.08040): outlier tiles of an activation get ~16-bit precision.
+
+Why: SwiGLU outputs carry outliers that sit in different blocks from step to step, not in fixed channels. In a block
+holding one, the scale is set by the outlier and the block's other values round to a few levels (or to zero), so
+block-wise INT8 training of GLU models drifts. Detecting those blocks per step and representing only them more
+precisely restores accuracy at the cost of a few percent extra work.
+
+Detection: a fallback tile (``fallback_block``, default 128x128 — the GEMM kernel's M tile by K block, so a fallback
+costs one extra product for that tile only) is an outlier when its amax exceeds ``threshold`` times the median tile
+amax of the tensor. The median is robust: unlike the mean, a few large tiles do not raise the bar that detects them.
+If the median is 0 (a mostly-zero tensor) nothing falls back. The measured default threshold is in docs/int8.md.
+
+Two representations of an outlier tile (``mode``):
+
+* ``residual``: ``x ≈ q1/s1 + q2/s2``; ``q2`` quantizes what ``q1`` missed, with its own block scales, giving about
+  15 bits of resolution relative to the block amax. One extra INT8 product for that tile, still on INT8 tensor cores;
+  the other operand stays INT8.
+* ``hp``: the tile's INT8 codes are zeroed and the tile's product is done in bf16 with the other operand's 16-bit
+  values (``hp`` tensors carried along).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
+from lowbit_amp.quant.granularity import Granularity, amax, expand_scale
+
+__all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "quantize_with_fallback"]
+
+FALLBACK_MODES = ("residual", "hp")
+HP_DTYPE = torch.bfloat16  # the "16-bit product" of hp mode
+
+
+@dataclass
+class FallbackOperand:
+    """Operand ``a`` of an INT8 GEMM with some tiles in higher precision.
+
+    Attributes:
+        main: the INT8 codes and scales of every block (in ``hp`` mode zero inside fallback tiles).
+        tile: the fallback tile shape.
+        flags: bool ``(ceil(rows/tr), ceil(cols/tc))``, True where the tile falls back.
+        mode: ``"residual"`` or ``"hp"``.
+        residual: ``residual`` mode: the second INT8 term (codes meaningful inside flagged tiles only).
+        hp: ``hp`` mode: the operand in bf16 (read inside flagged tiles only).
+    """
+
+    main: Int8Blocks
+    tile: Granularity
+    flags: torch.Tensor
+    mode: str
+    residual: Int8Blocks | None = None
+    hp: torch.Tensor | None = None
+
+    @property
+    def fraction(self) -> torch.Tensor:
+        """Fraction of tiles that fell back, as a 0-d float32 tensor (no host sync)."""
+        return self.flags.float().mean() if self.flags.numel() else torch.zeros((), device=self.flags.device)
+
+    def element_mask(self) -> torch.Tensor:
+        """Bool ``(rows, cols)``: True at elements inside a fallback tile."""
+        return expand_scale(self.flags.float(), self.main.q.shape, self.tile) > 0
+
+    def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The value this operand represents (what the GEMM multiplies)."""
+        out = self.main.dequantize(torch.float32)
+        mask = self.element_mask()
+        if self.mode == "residual":
+            assert self.residual is not None
+            out = out + torch.where(mask, self.residual.dequantize(torch.float32), 0.0)
+        else:
+            assert self.hp is not None
+            out = torch.where(mask, self.hp.float(), out)
+        return out.to(out_dtype)
+
+
+def detect_outlier_tiles(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """True for tiles whose amax exceeds ``threshold`` × the median tile amax (never when that median is 0)."""
+    if tile_amax.numel() == 0:
+        return torch.zeros_like(tile_amax, dtype=torch.bool)
+    median = tile_amax.flatten().median()
+    return (tile_amax > threshold * median) & (median > 0)
+
+
+def quantize_with_fallback(
+    x2d: torch.Tensor,
+    act_block: Granularity | str,
+    tile: Granularity | str,
+    threshold: float,
+    mode: str = "residual",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> FallbackOperand:
+    """Block-quantize ``x2d`` and represent its outlier tiles per ``mode`` (reference; any device)."""
+    if mode not in FALLBACK_MODES:
+        raise ValueError(f"Unknown fallback mode {mode!r}; use one of {list(FALLBACK_MODES)}.")
+    act = Granularity.parse(act_block)
+    tile_g = Granularity.parse(tile)
+    main = quantize_blocks(x2d, act, rounding=rounding, generator=generator)
+    flags = detect_outlier_tiles(amax(x2d, tile_g), threshold)
+    operand = FallbackOperand(main, tile_g, flags, mode)
+    mask = operand.element_mask()
+    if mode == "residual":
+        missed = torch.where(mask, x2d.float() - main.dequantize(torch.float32), 0.0)
+        operand.residual = quantize_blocks(missed, act, rounding=rounding, generator=generator)
+    else:
+        main.q = torch.where(mask, torch.zeros_like(main.q), main.q)
+        operand.hp = x2d.to(HP_DTYPE)
+    return operand

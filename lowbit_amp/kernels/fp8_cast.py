@@ -1,0 +1,249 @@
+"""Fused FP8 operand casts in Triton: amax + scale + saturating cast (+ the transposed copy) in one or two passes.
+
+Why: the reference (:func:`lowbit_amp.quant.operand.quantize_operand`) runs amax, float32 upcast, multiply, clamp,
+cast and — for the backward GEMMs — a transpose as separate eager kernels, ~8 passes over memory. On an H100 that costs
+more than the FP8 GEMM saves (shared/ANCHORS.md: 0.88 ms eager vs 0.13 ms fused for one 16384x4096 cast). Here:
+
+* **delayed scaling, warm** (activations and output gradients after the first step): ONE pass. The scale is read from
+  the state's device buffer, the tile amaxes go to a per-state scratch word by ``atomic_max``, and the last program to
+  finish folds the global amax into ``pending_amax`` / ``nonfinite_count`` exactly as
+  :meth:`ScalingState.record` does, then resets the scratch. No host sync, no extra launch.
+* **current scaling** (weights by default; delayed before its first update): two passes — per-program partial amaxes,
+  then the cast kernel reduces the partials and computes the scale in-kernel with the reference formula.
+
+Both write ``lp`` (M, K) and optionally ``lpᵀ`` (K, M) (what ``torch._scaled_mm`` needs for the backward GEMMs, whose
+FP8 operands must be row-major x column-major) and ``(scale, 1/scale)`` so the GEMMs need no eager reciprocal.
+Bit-identity with the reference: the scale is computed as ``reciprocal(amax) * target`` because that is what
+``target / amax`` with a Python-float numerator does in PyTorch (``Tensor.__rtruediv__``); both use correctly rounded
+fp32 division (``div_rn``), one fp32 multiply ``x * scale``, NaN-propagating clamp, and round-to-nearest-even casts.
+tests/kernels/test_fp8_cast_gpu.py checks every byte against the reference.
+
+Measured (H100 80GB HBM3, torch 2.11, triton 3.6, 2026-11-24; ``bench/bench_all.py cast``; docs/performance.md), one
+16384x4096 bf16 operand -> E4M3 + its transpose: delayed/warm 1.363 ms eager reference -> 0.115 ms fused (11.9x; 77% of
+the 3.0 TB/s floor of 0.089 ms; Inductor's fusion of the reference: 0.174 ms); current 1.365 -> 0.153 ms (8.9x; floor
+0.133 ms; Inductor 0.173 ms). 8192x1024: 0.281 -> 0.022 ms (delayed), 0.304 -> 0.032 ms (current).
+
+This module imports Triton at import time; import it only through :mod:`lowbit_amp.kernels.dispatch` decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # pragma: no cover - only on CPU-only installs, which never import this module
+    raise ImportError(
+        "lowbit_amp.kernels.fp8_cast needs Triton (shipped with CUDA builds of PyTorch). On CPU the reference casts in "
+        "lowbit_amp.quant.cast run instead; lowbit_amp.kernels.dispatch decides which."
+    ) from err
+
+from lowbit_amp.quant.cast import MAX_SCALE
+from lowbit_amp.scaling.state import ScalingState
+
+_FINITE_LIMIT_BITS = 0x7F800000  # bit pattern of +inf: |x| bits below it are finite, above it are NaN
+_BLOCK_M = 64
+_BLOCK_K = 128
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _scale_from_amax_bits(amax_bits, TARGET: tl.constexpr, MAX_SCALE_C: tl.constexpr):
+    """compute_scale(amax, fmt, margin) with no previous scale: fallback 1 for amax 0 / inf / NaN."""
+    usable = (amax_bits > 0) & (amax_bits < 0x7F800000)
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    safe = tl.where(usable, amax, 1.0)
+    scale = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe) * TARGET
+    scale = tl.minimum(scale, MAX_SCALE_C)
+    return tl.where(usable, scale, 1.0)
+
+
+@triton.jit
+def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr):
+    """ScalingState.record: pending = max(pending, amax if finite else 0); nonfinite_count += not finite."""
+    finite = amax_bits < 0x7F800000
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    pending = tl.load(pending_ptr)
+    tl.store(pending_ptr, tl.maximum(pending, tl.where(finite, amax, 0.0)))
+    count = tl.load(nonfinite_ptr)
+    tl.store(nonfinite_ptr, count + tl.where(finite, 0, 1).to(tl.int64))
+
+
+@triton.jit
+def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass 1 of current scaling: each program writes the max |x| bit pattern over its tiles (NaN > inf > finite).
+
+    Grid-stride over tiles; a tile index past the end lands beyond row M and is fully masked."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+    for i in range(0, iters):
+        tile = pid + i * programs
+        offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True))
+    tl.store(partials_ptr + pid, tl.max(tl.max(acc, 1), 0))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
+                 scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr,
+                 TARGET: tl.constexpr, FMT_MAX: tl.constexpr, MAX_SCALE_C: tl.constexpr,
+                 CURRENT: tl.constexpr, RECORD: tl.constexpr, WRITE_T: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    offs_m = (pid // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if CURRENT:
+        p = tl.arange(0, PARTIALS_BLOCK)
+        amax_bits = tl.max(tl.load(partials_ptr + p, mask=p < n_partials, other=0), 0)
+        scale = _scale_from_amax_bits(amax_bits, TARGET, MAX_SCALE_C)
+    else:
+        scale = tl.load(scale_ptr)
+    scaled = tl.clamp(x * scale, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    lp = scaled.to(lp_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(lp_ptr + offs_m[:, None] * K + offs_k[None, :], lp, mask=mask)
+    if WRITE_T:
+        mask_t = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+        tl.store(lpt_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(lp), mask=mask_t)
+    if pid == 0:
+        tl.store(scale_out_ptr, scale)
+        # 1/scale 16 bytes further on: cuBLAS rejects (CUBLAS_STATUS_NOT_SUPPORTED) a scale pointer that is not
+        # 16-byte aligned.
+        tl.store(scale_out_ptr + 4, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale))
+    if RECORD:
+        if CURRENT:
+            if pid == 0:
+                _fold_amax(amax_bits, pending_ptr, nonfinite_ptr)
+        else:
+            tile_bits = tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), 1), 0)
+            tl.atomic_max(scratch_ptr, tile_bits)
+            # acq_rel atomics: the program that sees the count reach the grid size also sees every atomic_max.
+            done = tl.atomic_add(scratch_ptr + 1, 1)
+            if done == tl.num_programs(0) - 1:
+                total_bits = tl.atomic_xchg(scratch_ptr, 0)
+                tl.atomic_xchg(scratch_ptr + 1, 0)
+                _fold_amax(total_bits, pending_ptr, nonfinite_ptr)
+
+
+class _Launcher:
+    """Launch a Triton kernel with less host time than ``kernel[grid](...)`` (measured host time per fused cast call:
+    80.6 us through ``kernel[grid]`` -> 55.5 us with this launcher and the trimmed Python around it, H100 host).
+
+    Why: eager training pays Triton's Python dispatch on every cast (3 per linear layer per step); on a 1024-wide model
+    that host time, not the GPU, bounds the step. After the first call of a specialization (which compiles through the
+    normal JIT path), this calls the compiled kernel's launcher directly. The cache key reproduces Triton's own
+    specialization (per tensor: dtype and 16-byte alignment; per int: ==1, divisible by 16, fits int32; constexprs),
+    so a cached binary is never reused for a call Triton would have compiled differently.
+    """
+
+    def __init__(self, kernel: "triton.runtime.JITFunction") -> None:
+        self.kernel = kernel
+        self.cache: dict = {}
+
+    def __call__(self, grid: int, args: tuple, num_warps: int, **constexprs: object) -> None:
+        key = (*map(_spec, args), *constexprs.values())
+        compiled = self.cache.get(key)
+        if compiled is None:
+            compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps)
+            if hasattr(compiled, "result"):
+                compiled = compiled.result()
+            self.cache[key] = compiled
+            return
+        run = compiled.run
+        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+            *args, *constexprs.values())
+
+
+def _spec(arg: object) -> object:
+    """What Triton specializes a kernel argument on (tensors: dtype, 16-byte alignment; ints: 1, %16, int32)."""
+    if type(arg) is int:
+        return (arg == 1, arg % 16 == 0, arg < 2**31)
+    return (arg.dtype, arg.data_ptr() % 16 == 0)  # type: ignore[attr-defined]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+_launch_amax = _Launcher(_amax_partials_kernel)
+_launch_cast = _Launcher(_cast_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _scratch(state: ScalingState, device: torch.device) -> torch.Tensor:
+    """Per-state, per-device int32[2] (amax bits, finished programs), all-zero between launches (the kernel resets)."""
+    store = state.__dict__.setdefault("_fused_cast_scratch", {})
+    buf = store.get(device)
+    if buf is None:
+        buf = store[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
+def fused_quantize(
+    x2d: torch.Tensor, state: ScalingState, want_transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(lp, lpᵀ or None, scale, 1/scale)`` — same values and state updates as the reference quantize_operand.
+
+    Preconditions (checked by :func:`lowbit_amp.kernels.dispatch.fused_cast_unavailable`): CUDA 2-D non-empty
+    float tensor, tensorwise FP8 state, round-to-nearest, no power-of-2 scales.
+    """
+    rows, cols = x2d.shape
+    device = x2d.device
+    fmt = state.fmt
+    algo = state.config.algo
+    current = not (algo == "static" or (state.delayed and state._warm))
+    record = state.delayed
+    # fp32 inputs: the in-kernel FP8 transpose gave wrong bytes for 16-aligned fp32 tiles (Triton 3.6, sm_90; caught
+    # by tests/kernels, also when transposing the fp32 tile first), so they get torch's transpose afterwards.
+    write_t = want_transpose and x2d.dtype != torch.float32
+    lp = torch.empty((rows, cols), dtype=fmt.dtype, device=device)
+    lp_t = torch.empty((cols, rows), dtype=fmt.dtype, device=device) if write_t else lp
+    scale_out = torch.empty(8, dtype=torch.float32, device=device)  # [0] scale, [4] 1/scale (16-byte aligned)
+    tiles = _cdiv(rows, _BLOCK_M) * _cdiv(cols, _BLOCK_K)
+    if current:
+        n_partials = min(tiles, 4 * _num_sms(device))
+        partials = torch.empty(n_partials, dtype=torch.int32, device=device)
+        _launch_amax(
+            n_partials, (x2d, partials, rows, cols, x2d.stride(0), x2d.stride(1), _cdiv(tiles, n_partials)),
+            _NUM_WARPS, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K,
+        )
+    else:
+        n_partials, partials = 1, scale_out
+    scratch = _scratch(state, device) if (record and not current) else scale_out
+    pending = state.pending_amax if record else scale_out
+    nonfinite = state.nonfinite_count if record else scale_out
+    _launch_cast(
+        tiles,
+        (x2d, lp, lp_t, rows, cols, x2d.stride(0), x2d.stride(1),
+         state.scale, partials, n_partials, scale_out, pending, nonfinite, scratch),
+        _NUM_WARPS,
+        TARGET=fmt.max / (2.0 ** state.config.margin), FMT_MAX=fmt.max, MAX_SCALE_C=MAX_SCALE,
+        CURRENT=current, RECORD=record, WRITE_T=write_t,
+        PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K,
+    )
+    if want_transpose and not write_t:
+        lp_t = lp.t().contiguous()
+    scale = scale_out[0] if current else state.scale
+    return lp, (lp_t if want_transpose else None), scale, scale_out[4]

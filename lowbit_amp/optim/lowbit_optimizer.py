@@ -1,0 +1,262 @@
+"""``LowBitOptimizer``: Adam/AdamW and SGD-with-momentum whose state format is chosen per moment.
+
+One class for every variant (the update rule and the formats are values, not subclasses): state formats from
+:mod:`lowbit_amp.optim.state_codec`, master weights from :mod:`lowbit_amp.optim.master`, math in
+:mod:`lowbit_amp.optim.update`. Gradients may be :class:`~lowbit_amp.grads.Fp8Grad` (read as codes + scale, never
+widened in memory) or ordinary tensors.
+
+The param groups are the user's dicts, key for key: hyper-parameters are read from them at every step (so LR schedulers
+work), and settings this optimizer cannot honour (``amsgrad=True``, ``differentiable=True``, sparse gradients) raise
+instead of being ignored. ``foreach``/``fused``/``capturable`` only choose torch's kernels and are accepted as they are.
+
+Non-finite gradients: by default (``nonfinite="skip"``) a step with any inf/NaN gradient changes nothing — weights,
+moments, master weights and step counters keep every byte — and ``skipped_steps`` (a device tensor, read it when you
+want; reading syncs) counts such steps. The check costs no host sync. ``nonfinite="error"`` syncs once per step and
+raises ``FloatingPointError``. With loss scaling on, :mod:`lowbit_amp.loss_scaler` already sets the gradients to None
+on overflow and this optimizer then skips those parameters, as torch's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lowbit_amp.config import ConfigError
+from lowbit_amp.grads.fp8_grad import Fp8Grad
+from lowbit_amp.optim.master import MasterWeights
+from lowbit_amp.optim.state_codec import get_codec
+from lowbit_amp.optim.update import UpdateSpec, compiled_update
+
+__all__ = ["LowBitOptimizer", "format_tag", "parse_format_tag"]
+
+RULES = ("adam", "sgd")
+NONFINITE = ("skip", "error")
+EXP_AVG_FORMATS = ("fp32", "bf16", "e4m3")
+EXP_AVG_SQ_FORMATS = ("fp32", "fp16", "e4m3_expand")
+
+
+def format_tag(rule: str, exp_avg: str | None, exp_avg_sq: str | None, master: str, block_size: int) -> str:
+    """The string saved with every parameter's state; a checkpoint whose tag differs is converted on load."""
+    return f"{rule};exp_avg={exp_avg};exp_avg_sq={exp_avg_sq};master={master};block={block_size}"
+
+
+def parse_format_tag(tag: str) -> dict[str, str]:
+    rule, *fields = tag.split(";")
+    parsed = dict(field.split("=", 1) for field in fields)
+    parsed["rule"] = rule
+    return parsed
+
+
+class LowBitOptimizer(torch.optim.Optimizer):
+    """See the module docstring. Prefer :class:`~lowbit_amp.optim.lowbit_adamw.LowBitAdamW` /
+    :class:`~lowbit_amp.optim.lowbit_sgd.LowBitSGD` or ``amp.initialize``, which build this with torch's signatures."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        rule: str,
+        exp_avg: str = "fp32",
+        exp_avg_sq: str = "fp32",
+        master_weights: str = "none",
+        block_size: int = 128,
+        decoupled_default: bool = True,
+        compile: bool | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"Unknown update rule {rule!r}; valid rules are {list(RULES)}.")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={nonfinite!r} is not one of {list(NONFINITE)}.")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+        if exp_avg not in EXP_AVG_FORMATS:
+            raise ValueError(f"exp_avg={exp_avg!r} is not one of the valid formats {list(EXP_AVG_FORMATS)}.")
+        if exp_avg_sq not in EXP_AVG_SQ_FORMATS:
+            hint = (" A plain-E4M3 second moment flushes small values to zero; use 'e4m3_expand' (COAT's dynamic "
+                    "range expansion) or 'fp16'." if exp_avg_sq == "e4m3" else "")
+            raise ValueError(f"exp_avg_sq={exp_avg_sq!r} is not one of the valid formats "
+                             f"{list(EXP_AVG_SQ_FORMATS)}.{hint}")
+        self.rule = rule
+        self.exp_avg_codec = get_codec(exp_avg)
+        self.exp_avg_sq_codec = get_codec(exp_avg_sq) if rule == "adam" else None
+        self.master = MasterWeights(master_weights)
+        self.block_size = block_size
+        self.decoupled_default = decoupled_default
+        self.use_compile = compile
+        self.nonfinite = nonfinite
+        self.skipped_steps: torch.Tensor | None = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------------ formats
+    def _momentum_codec_name(self, group: dict[str, Any]) -> str | None:
+        if self.rule == "sgd" and group.get("momentum", 0) == 0:
+            return None
+        return self.exp_avg_codec.name
+
+    def param_format(self, group: dict[str, Any]) -> str:
+        sq = self.exp_avg_sq_codec.name if self.exp_avg_sq_codec is not None else None
+        return format_tag(self.rule, self._momentum_codec_name(group), sq, self.master.mode, self.block_size)
+
+    def _spec(self, group: dict[str, Any], param: torch.Tensor) -> UpdateSpec:
+        name = self._momentum_codec_name(group)
+        return UpdateSpec(
+            rule=self.rule,
+            exp_avg=get_codec(name) if name is not None else None,
+            exp_avg_sq=self.exp_avg_sq_codec,
+            master=self.master,
+            param_dtype=param.dtype,
+            block_size=self.block_size,
+            decoupled=bool(group.get("decoupled_weight_decay", self.decoupled_default)),
+            maximize=bool(group.get("maximize", False)),
+            nesterov=bool(group.get("nesterov", False)),
+        )
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if group.get("amsgrad", False):
+            raise ConfigError("The low-bit optimizer does not implement amsgrad=True; set amsgrad=False (or use "
+                              "opt_level O1, which keeps your torch optimizer).")
+        if group.get("differentiable", False):
+            raise ConfigError("differentiable=True is not supported by the low-bit optimizer; set it to False.")
+        if self.rule == "sgd" and group.get("nesterov", False) and (
+                group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
+            raise ConfigError("SGD nesterov=True needs momentum > 0 and dampening = 0 (as torch.optim.SGD requires).")
+
+    @staticmethod
+    def _grad_view(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(codes, scale)`` of the gradient; scale None for an ordinary gradient tensor."""
+        grad = param.grad
+        assert grad is not None
+        if isinstance(grad, Fp8Grad):
+            return grad.codes_and_scale()
+        if grad.is_sparse:
+            raise ConfigError("The low-bit optimizer does not support sparse gradients (e.g. nn.Embedding(sparse=True)).")
+        return grad, None
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _blocks_of(self, param: torch.Tensor) -> int:
+        return -(-param.numel() // self.block_size)
+
+    def init_state(self, group: dict[str, Any], param: torch.Tensor, salt: int) -> dict[str, Any]:
+        """Fresh state for ``param``: zero moments, master weights copied from the parameter."""
+        blocks, device = self._blocks_of(param), param.device
+        padded = torch.nn.functional.pad(param.detach().reshape(-1).float(),
+                                         (0, blocks * self.block_size - param.numel()))
+        state: dict[str, Any] = {
+            "step": torch.zeros((), dtype=torch.float32, device=device),
+            "salt": torch.tensor(salt, dtype=torch.int64, device=device),
+            "format": self.param_format(group),
+            "master": self.master.init(padded.view(blocks, self.block_size), param.dtype),
+        }
+        name = self._momentum_codec_name(group)
+        if self.rule == "adam":
+            state["exp_avg"] = self.exp_avg_codec.zeros(blocks, self.block_size, device)
+            assert self.exp_avg_sq_codec is not None
+            state["exp_avg_sq"] = self.exp_avg_sq_codec.zeros(blocks, self.block_size, device)
+        elif name is not None:
+            state["momentum_buffer"] = get_codec(name).zeros(blocks, self.block_size, device)
+        return state
+
+    def _hyper(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        def as_t(value: Any) -> torch.Tensor:
+            return torch.as_tensor(value, dtype=torch.float32).to(device).reshape(())
+
+        if self.rule == "adam":
+            beta1, beta2 = group["betas"]
+            values = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
+        else:
+            values = [group["lr"], group.get("momentum", 0), group.get("dampening", 0), group["weight_decay"], 0.0]
+        return torch.stack([as_t(v) for v in values])
+
+    def state_bytes(self) -> int:
+        """Bytes held by optimizer state tensors (moments, scales, master copies, counters), measured from storage."""
+        seen: set[int] = set()
+        total = 0
+
+        def visit(value: Any) -> None:
+            nonlocal total
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            elif isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+
+        for state in self.state.values():
+            visit(state)
+        return total
+
+    # ------------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        finite = []
+        for group in self.param_groups:
+            self._check_group(group)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if not param.is_contiguous():
+                    raise ValueError("The low-bit optimizer needs contiguous parameters; call .contiguous() on the "
+                                     f"parameter of shape {tuple(param.shape)} before building the optimizer.")
+                codes, scale = self._grad_view(param)
+                finite.append(torch.isfinite(scale) if scale is not None else torch.isfinite(codes).all())
+                work.append((group, param, codes, scale))
+        if not work:
+            return loss
+        device = work[0][1].device
+        ok = torch.stack([flag.to(device) for flag in finite]).all()
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps += (~ok).to(torch.int64)
+        if self.nonfinite == "error" and not bool(ok):
+            raise FloatingPointError(
+                "A gradient holds inf/NaN; the optimizer step was not applied. Use loss scaling "
+                "(loss_scaling.mode='dynamic') or nonfinite='skip' to skip such steps instead.")
+        hypers: dict[tuple[int, torch.device], torch.Tensor] = {}
+        ones: dict[torch.device, torch.Tensor] = {}
+        positions: dict[int, int] | None = None  # built only on a step that initialises state
+        for group, param, codes, scale in work:
+            state = self.state[param]
+            if not state:  # the salt (stochastic-rounding stream) is the parameter's position, saved with its state
+                if positions is None:
+                    positions = {id(other): i for i, (_, other) in enumerate(self._params_with_groups())}
+                state.update(self.init_state(group, param, positions[id(param)]))
+            key = (id(group), param.device)
+            if key not in hypers:
+                hypers[key] = self._hyper(group, param.device)
+            if scale is None:
+                scale = ones.setdefault(param.device, torch.ones((), device=param.device))
+            use_compile = self.use_compile if self.use_compile is not None else param.device.type == "cuda"
+            update = compiled_update(self._spec(group, param), param.device, use_compile)
+            moment2 = state.get("exp_avg_sq", {})
+            moment1 = state.get("exp_avg", state.get("momentum_buffer", {}))
+            update(param.detach(), codes, scale, moment1, moment2, state["master"], state["step"], state["salt"],
+                   hypers[key], ok.to(param.device))
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; one saved in another format (another opt level, or a torch optimizer) is converted."""
+        from lowbit_amp.optim.checkpoint import import_param_state
+
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        for position, (saved_id, (group, param)) in enumerate(zip(saved_ids, self._params_with_groups())):
+            if saved_id in saved_state:
+                self.state[param] = import_param_state(self, group, param, saved_state[saved_id], position)
+
+    def _params_with_groups(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        return [(group, param) for group in self.param_groups for param in group["params"]]
+

@@ -1,0 +1,101 @@
+"""Unit scaling: RMS within [0.3, 3] at initialisation, and static-scale FP8 training that needs no amax or history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit_amp as amp
+from lowbit_amp.recipes import unit_scaling as us
+from lowbit_amp.scaling.state import ScalingState
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 96), nn.GELU(), nn.Linear(96, 16))
+
+
+def test_unit_scaled_model_reports_unit_rms(gen) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(200, 64, generator=gen)
+    plain = us.unit_scaling_report(mlp(), x)
+    assert plain.outside(0.3, 3.0)  # PyTorch's default init is not unit-scaled (dy and late activations shrink)
+    model = mlp()
+    us.unit_scale(model)
+    report = us.unit_scaling_report(model, x)
+    assert len(report.ops) == 3 and not report.outside(0.3, 3.0), str(report)
+    assert report.ops[0].output == pytest.approx(1.0, rel=0.1)  # first layer: unit input -> unit output
+
+
+def test_report_restores_grads_and_removes_hooks(gen) -> None:  # type: ignore[no-untyped-def]
+    model = mlp()
+    us.unit_scale(model)
+    marker = torch.full_like(model[0].weight, 7.0)
+    model[0].weight.grad = marker
+    hooks_before = len(model[0]._forward_hooks), len(model[0]._forward_pre_hooks)
+    us.unit_scaling_report(model, torch.randn(8, 64, generator=gen))
+    assert model[0].weight.grad is marker
+    assert (len(model[0]._forward_hooks), len(model[0]._forward_pre_hooks)) == hooks_before
+    with pytest.raises(ValueError, match="twice"):
+        us.unit_scale(model)
+
+
+def test_scales_are_the_stated_ones(gen) -> None:  # type: ignore[no-untyped-def]
+    """y = x·Wᵀ/sqrt(fan_in), dx = dy·W/sqrt(fan_out), dW = dyᵀ·x/sqrt(tokens), against a float64 recomputation."""
+    layer = nn.Linear(48, 80, bias=False).double()
+    us.unit_scale(layer)
+    x = torch.randn(3, 10, 48, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 10, 80, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    y.backward(dy)
+    w = layer.weight.detach()
+    torch.testing.assert_close(y.detach(), x.detach() @ w.t() / 48**0.5)
+    torch.testing.assert_close(x.grad, dy @ w / 80**0.5)
+    torch.testing.assert_close(layer.weight.grad, dy.reshape(30, 80).t() @ x.detach().reshape(30, 48) / 30**0.5)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 60) -> list[float]:
+    gen = torch.Generator().manual_seed(99)
+    features = torch.randn(512, 64, generator=gen)
+    labels = (features @ torch.randn(64, 16, generator=gen)).argmax(-1)  # a learnable linear labelling
+    losses = []
+    for _ in range(steps):
+        batch = torch.randint(0, 512, (64,), generator=gen)
+        loss = us.unit_scaled_cross_entropy(model(features[batch]), labels[batch])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_static_fp8_training_of_unit_scaled_mlp(gen) -> None:  # type: ignore[no-untyped-def]
+    """Unit-variance weights need a larger Adam step than PyTorch's default init (lr 3e-2 here). Measured: loss
+    2.72 -> 0.33 with static FP8, 2.72 -> 0.32 for the same unit-scaled model in fp32."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    model, opt = us.initialize(model, opt, "O1")
+    states = [m for m in model.modules() if isinstance(m, ScalingState)]
+    assert len(states) == 9 and all(s.config.algo == "static" and float(s.scale) == 1.0 for s in states)
+    assert not amp.amp_state(model).manager.states  # nothing for the scaling manager: no amax history at all
+    report = us.unit_scaling_report(model, torch.randn(128, 64, generator=gen))
+    assert not report.outside(0.3, 3.0), str(report)
+    losses = train(model, opt)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.3 * first, (first, last)
+    baseline = mlp()
+    us.unit_scale(baseline)
+    hp_losses = train(baseline, torch.optim.Adam(baseline.parameters(), lr=3e-2))
+    assert last <= 1.15 * sum(hp_losses[-5:]) / 5 + 0.02  # static FP8 tracks the fp32 run of the same recipe
+    for s in states:  # static: the amax history was never written, the scale never moved
+        assert float(s.amax_history.abs().sum()) == 0.0 and not bool(s.has_history) and float(s.scale) == 1.0
+
+
+def test_unit_scaled_cross_entropy_gradient_is_unit(gen) -> None:  # type: ignore[no-untyped-def]
+    logits = torch.randn(256, 32, generator=gen, requires_grad=True)
+    target = torch.randint(0, 32, (256,), generator=gen)
+    loss = us.unit_scaled_cross_entropy(logits, target)
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)))
+    loss.backward()
+    assert 0.3 <= float(logits.grad.pow(2).mean().sqrt()) <= 3.0
