@@ -181,3 +181,13 @@ def test_import_is_light_and_does_not_touch_cuda() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_shape_policy_keeping_every_layer_warns_and_leaves_model_unchanged() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="min_gemm_size"):
+        amp.initialize(model, opt_level="O1", modules={"min_gemm_size": 10**6})
+    assert not any(isinstance(m, amp.LowBitLinear) for m in model.modules())
+    assert "too small to gain" in amp.summary(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

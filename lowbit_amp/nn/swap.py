@@ -7,6 +7,7 @@ summary users read to see what lowbit_amp did to their model.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,16 @@ def convert_linears(model: nn.Module, config: LowBitConfig) -> ConversionReport:
         new.train(linear.training)
         _set_submodule(model, name, new)
         report.decisions.append(LayerDecision(name, shape, True, new.extra_repr().split(", ", 3)[-1]))
+    if not report.converted and report.decisions and all(d.detail.startswith("too small to gain") or
+                                                         d.detail.startswith("excluded by pattern")
+                                                         for d in report.decisions) and any(
+            d.detail.startswith("too small to gain") for d in report.decisions):
+        # The shape policy kept every layer because none would gain: the model runs unchanged (never slower), which
+        # is what turning lowbit_amp on should mean for small models. Say so instead of failing.
+        warnings.warn("lowbit_amp: every eligible linear layer is below modules.min_gemm_size, so the model runs "
+                      "unchanged in high precision (set modules.min_gemm_size=0 to force low precision).\n" + str(report),
+                      stacklevel=3)
+        return report
     if not report.converted:
         detail = "\n".join(f"  {d.name}: {d.detail}" for d in report.decisions) or "  (the model has no nn.Linear)"
         raise NoEligibleLayersError(
