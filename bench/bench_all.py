@@ -312,6 +312,8 @@ def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: 
     except ImportError:
         variants = [v for v in variants if not v.startswith("torchao")]
         print("torchao not importable: its variants are skipped")
+    if os.environ.get("BENCH_VARIANTS"):  # e.g. BENCH_VARIANTS=bf16_compile,lowbit_O1_compile for a quick check
+        variants = [v for v in variants if v in os.environ["BENCH_VARIANTS"].split(",")]
     rows = [_time_variant(name, tag, dim, heads, ffn, layers, batch, seq) for name in variants]
     base = {mode: next((r["step_ms"] for r in rows if r["variant"] == f"bf16_{mode}"), None) for mode in ("eager", "compile")}
     print(f"\n== {tag}: step time, ratio to bf16 of the same mode ==")

@@ -201,25 +201,21 @@ def _scratch(state: ScalingState, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def fused_quantize(
-    x2d: torch.Tensor, state: ScalingState, want_transpose: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``(lp, lpᵀ or None, scale, 1/scale)`` — same values and state updates as the reference quantize_operand.
-
-    Preconditions (checked by :func:`lowbit_amp.kernels.dispatch.fused_cast_unavailable`): CUDA 2-D non-empty
-    float tensor, tensorwise FP8 state, round-to-nearest, no power-of-2 scales.
-    """
+def launch_cast(
+    x2d: torch.Tensor, scale_in: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float,
+    current: bool, record: bool, want_transpose: bool,
+    pending: torch.Tensor | None, nonfinite: torch.Tensor | None, scratch: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The kernels behind both entry points: ``(lp, lpᵀ or None, scale_out)``, ``scale_out[0]`` = the scale used
+    when ``current``, ``scale_out[4]`` = its inverse. With ``record`` the tensor's amax is folded into ``pending`` /
+    ``nonfinite`` (and ``scratch``, all-zero int32[2], is used and left all-zero) exactly as ScalingState.record."""
     rows, cols = x2d.shape
     device = x2d.device
-    fmt = state.fmt
-    algo = state.config.algo
-    current = not (algo == "static" or (state.delayed and state._warm))
-    record = state.delayed
     # fp32 inputs: the in-kernel FP8 transpose gave wrong bytes for 16-aligned fp32 tiles (Triton 3.6, sm_90; caught
     # by tests/kernels, also when transposing the fp32 tile first), so they get torch's transpose afterwards.
     write_t = want_transpose and x2d.dtype != torch.float32
-    lp = torch.empty((rows, cols), dtype=fmt.dtype, device=device)
-    lp_t = torch.empty((cols, rows), dtype=fmt.dtype, device=device) if write_t else lp
+    lp = torch.empty((rows, cols), dtype=out_dtype, device=device)
+    lp_t = torch.empty((cols, rows), dtype=out_dtype, device=device) if write_t else lp
     scale_out = torch.empty(8, dtype=torch.float32, device=device)  # [0] scale, [4] 1/scale (16-byte aligned)
     tiles = _cdiv(rows, _BLOCK_M) * _cdiv(cols, _BLOCK_K)
     if current:
@@ -231,19 +227,37 @@ def fused_quantize(
         )
     else:
         n_partials, partials = 1, scale_out
-    scratch = _scratch(state, device) if (record and not current) else scale_out
-    pending = state.pending_amax if record else scale_out
-    nonfinite = state.nonfinite_count if record else scale_out
     _launch_cast(
         tiles,
         (x2d, lp, lp_t, rows, cols, x2d.stride(0), x2d.stride(1),
-         state.scale, partials, n_partials, scale_out, pending, nonfinite, scratch),
+         scale_in, partials, n_partials, scale_out,
+         pending if record else scale_out, nonfinite if record else scale_out,
+         scratch if (record and not current) else scale_out),
         _NUM_WARPS,
-        TARGET=fmt.max / (2.0 ** state.config.margin), FMT_MAX=fmt.max, MAX_SCALE_C=MAX_SCALE,
+        TARGET=target, FMT_MAX=fmt_max, MAX_SCALE_C=MAX_SCALE,
         CURRENT=current, RECORD=record, WRITE_T=write_t,
         PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K,
     )
     if want_transpose and not write_t:
         lp_t = lp.t().contiguous()
+    return lp, (lp_t if want_transpose else None), scale_out
+
+
+def fused_quantize(
+    x2d: torch.Tensor, state: ScalingState, want_transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(lp, lpᵀ or None, scale, 1/scale)`` — same values and state updates as the reference quantize_operand.
+
+    Preconditions (checked by :func:`lowbit_amp.kernels.dispatch.fused_cast_unavailable`): CUDA 2-D non-empty
+    float tensor, tensorwise FP8 state, round-to-nearest, no power-of-2 scales. Eager only: it updates the state's
+    buffers in place from inside the kernel; under ``torch.compile`` :mod:`lowbit_amp.kernels.fp8_cast_op` serves.
+    """
+    fmt = state.fmt
+    current = not (state.config.algo == "static" or (state.delayed and state._warm))
+    record = state.delayed
+    lp, lp_t, scale_out = launch_cast(
+        x2d, state.scale, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current, record,
+        want_transpose, state.pending_amax, state.nonfinite_count,
+        _scratch(state, x2d.device) if (record and not current) else None)
     scale = scale_out[0] if current else state.scale
-    return lp, (lp_t if want_transpose else None), scale, scale_out[4]
+    return lp, lp_t, scale, scale_out[4]

@@ -55,10 +55,12 @@ class Fp8LinearFunction(torch.autograd.Function):
         # Tensorwise: the backward GEMMs read xᵀ and Wᵀ; make them in the same (fused, on CUDA) pass as x and W.
         x_lp, x_t_lp, x_scale, x_scale_inv = quantize_operand_t(
             x2d, layer.input_scaling, tensorwise and ctx.needs_input_grad[1], cfg.fused_cast)
+        w_t_lp = None
         if torch.compiler.is_compiling():
-            # The per-version weight cache is Python-side state Dynamo cannot trace; Inductor fuses this cast instead.
-            w_lp, w_scale = quantize_operand(weight.detach(), layer.weight_scaling)
-            w_scale_inv = None
+            # The per-version weight cache is Python-side state Dynamo cannot trace: cast W (and Wᵀ for backward, in
+            # the same fused pass on CUDA) in the graph instead — once per step either way without accumulation.
+            w_lp, w_t_lp, w_scale, w_scale_inv = quantize_operand_t(
+                weight.detach(), layer.weight_scaling, tensorwise and ctx.needs_input_grad[0], cfg.fused_cast)
         else:
             w_lp, w_scale = layer.quantized_weight(with_transpose=tensorwise and ctx.needs_input_grad[0])
             w_scale_inv = layer.quantized_weight_scale_inv(w_lp)
@@ -71,7 +73,10 @@ class Fp8LinearFunction(torch.autograd.Function):
         ctx.tensorwise = tensorwise
         if ctx.tensorwise:
             # Only xᵀ is kept (same bytes as x): forward's x_lp is freed after the output GEMM.
-            ctx.save_for_backward(x_t_lp, x_scale, x_scale_inv, w_lp, w_scale, w_scale_inv)
+            # Compiled: Wᵀ made in forward is saved instead of W (backward reads only Wᵀ); eager: W, whose cached
+            # transpose backward looks up.
+            ctx.w_is_t = w_t_lp is not None
+            ctx.save_for_backward(x_t_lp, x_scale, x_scale_inv, w_t_lp if ctx.w_is_t else w_lp, w_scale, w_scale_inv)
         else:
             ctx.save_for_backward(x2d, weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -87,7 +92,12 @@ class Fp8LinearFunction(torch.autograd.Function):
             x_t_lp, x_scale, x_scale_inv, w_lp, w_scale, w_scale_inv = ctx.saved_tensors
             dy_lp, dy_t_lp, dy_scale, dy_scale_inv = quantize_operand_t(dy2d, go_state, need_dw, layer.lb_config.fused_cast)
             if need_dx:
-                w_t_lp = w_lp.t().contiguous() if torch.compiler.is_compiling() else layer.quantized_weight_t(w_lp)
+                if ctx.w_is_t:
+                    w_t_lp = w_lp
+                elif torch.compiler.is_compiling():
+                    w_t_lp = w_lp.t().contiguous()
+                else:
+                    w_t_lp = layer.quantized_weight_t(w_lp)
                 dx = fp8_mm_nt(dy_lp, dy_scale, w_t_lp, w_scale, ctx.x_dtype,
                                a_scale_inv=dy_scale_inv, b_scale_inv=w_scale_inv)
             if need_dw:

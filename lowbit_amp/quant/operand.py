@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit_amp.kernels.fp8_cast_op import traceable_fused_quantize
 from lowbit_amp.quant.cast import quantize
 from lowbit_amp.quant.granularity import amax as block_amax
 from lowbit_amp.scaling.state import ScalingState
@@ -38,6 +39,8 @@ def quantize_operand_t(
     from lowbit_amp.kernels.dispatch import fused_cast_unavailable
 
     if fused_cast_unavailable(x2d, state, enabled=use_kernel) is None:
+        if torch.compiler.is_compiling():
+            return traceable_fused_quantize(x2d, state, want_transpose)  # the same kernel as a custom op
         from lowbit_amp.kernels.fp8_cast import fused_quantize
 
         return fused_quantize(x2d, state, want_transpose)

@@ -55,7 +55,7 @@ def test_config_switch_wins() -> None:
     ],
 )
 def test_decision_table(kwargs, fmt, shape, dtype, rounding, expect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(dispatch, "_triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "_TRITON_IMPORTABLE", True)
     state = ScalingState(ScalingConfig(**kwargs), fmt)
     reason = fused_cast_unavailable(_fake_cuda(torch.zeros(shape, dtype=dtype)), state, rounding=rounding)
     if expect is None:
@@ -65,15 +65,25 @@ def test_decision_table(kwargs, fmt, shape, dtype, rounding, expect, monkeypatch
 
 
 def test_missing_triton_is_a_reason_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "_TRITON_IMPORTABLE", False)
     state = ScalingState(ScalingConfig(), "e4m3")
     assert "triton" in fused_cast_unavailable(_fake_cuda(torch.zeros(8, 16)), state)
 
 
-def test_under_compile_the_reference_is_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_compile_the_kernel_serves_as_a_custom_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled graphs call the same kernel through ``lowbit_amp::fp8_cast`` (the eager launcher is not traceable)."""
+    from lowbit_amp.quant import operand
+
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(dispatch, "_TRITON_IMPORTABLE", True)
     state = ScalingState(ScalingConfig(), "e4m3")
-    assert "torch.compile" in fused_cast_unavailable(_fake_cuda(torch.zeros(8, 16)), state)
+    x = _fake_cuda(torch.zeros(8, 16, dtype=torch.bfloat16))
+    assert fused_cast_unavailable(x, state) is None
+    calls: list[bool] = []
+    monkeypatch.setattr(operand, "traceable_fused_quantize", lambda x2d, st, want_t: calls.append(want_t) or "op")
+    assert quantize_operand_t(x, state, True) == "op" and calls == [True]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert "lowbit_amp::fp8_cast" in str(torch.ops.lowbit_amp.fp8_cast.default._schema)
 
 
 @pytest.mark.parametrize("shape", [(37, 100), (16, 32)])

@@ -134,3 +134,72 @@ def test_layer_with_kernels_equals_layer_without(m: int, k: int, n: int) -> None
         runs[fused] = outs
     for got, want in zip(runs[True], runs[False]):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------ the custom op (compiled graphs' path)
+@pytest.mark.parametrize("shape", [(16, 16), (1000, 333), (4096, 1024)], ids=str)
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("mode", ["current", "delayed_cold", "delayed_warm", "static"])
+def test_custom_op_path_is_bitwise_the_reference(shape, fmt, mode) -> None:  # type: ignore[no-untyped-def]
+    """``lowbit_amp::fp8_cast`` + the traced state fold give the reference's bytes and state updates too."""
+    from lowbit_amp.kernels.fp8_cast_op import traceable_fused_quantize
+
+    x = _data(shape, torch.bfloat16, seed=zlib.crc32(repr((shape, fmt, mode, "op")).encode()))
+    warm = float(_state("current", fmt).fmt.max) / float(x.abs().amax()) * 0.5
+    state = {"current": lambda: _state("current", fmt), "delayed_cold": lambda: _state("delayed", fmt),
+             "delayed_warm": lambda: _state("delayed", fmt, warm_scale=warm),
+             "static": lambda: _state("static", fmt)}[mode]()
+    ref_state = copy.deepcopy(state)
+    ref_state._warm = state._warm
+    lp, lp_t, scale, scale_inv = traceable_fused_quantize(x, state, True)
+    ref_lp, ref_scale = quantize_operand(x, ref_state)
+    assert torch.equal(lp.view(torch.uint8), ref_lp.view(torch.uint8))
+    assert torch.equal(lp_t.view(torch.uint8), ref_lp.t().contiguous().view(torch.uint8))
+    assert torch.equal(scale, ref_scale.float()) and torch.equal(scale_inv, ref_scale.float().reciprocal())
+    for name in ("scale", "pending_amax", "nonfinite_count"):
+        assert torch.equal(getattr(state, name), getattr(ref_state, name)), name
+
+
+def test_custom_op_passes_opcheck() -> None:
+    """Schema, fake (meta) implementation and the real one agree (torch.library.opcheck)."""
+    x = _data((96, 80), torch.bfloat16, 11)
+    scale = torch.tensor(2.0, device="cuda")
+    for current, record, want_t in [(True, False, True), (False, True, True), (False, True, False)]:
+        torch.library.opcheck(torch.ops.lowbit_amp.fp8_cast.default,
+                              (x, scale, torch.float8_e4m3fn, 448.0, 448.0, current, record, want_t),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not fp8_gemm_supported("cuda")[0], reason="FP8 GEMMs need compute capability 8.9+")
+def test_compiled_layer_uses_the_kernel_and_matches_eager() -> None:
+    """Inductor, fullgraph: the compiled O1 layer calls lowbit_amp::fp8_cast (no graph break) and gives eager's
+    FP8 bytes: output equal, gradients equal up to Inductor's reordering of the bias-gradient sum, states equal."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    layers = [LowBitLinear(256, 384, bias=True, device="cuda", dtype=torch.bfloat16, config=LinearConfig()),
+              LowBitLinear(384, 256, bias=False, device="cuda", dtype=torch.bfloat16, config=LinearConfig())]
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1])
+    manager = ScalingManager(model)
+    x0 = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    model(x0).float().square().mean().backward()
+    manager.update()
+    model.zero_grad(set_to_none=True)
+    eager = copy.deepcopy(model)
+    for a, b in zip(model.modules(), eager.modules()):
+        if isinstance(a, ScalingState):
+            b._warm = a._warm
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    y_c, code = run_and_get_code(lambda: compiled(x))
+    assert any("lowbit_amp.fp8_cast" in c or "lowbit_amp::fp8_cast" in c for c in code), "kernel not in the graph"
+    y_e = eager(x)
+    assert torch.equal(y_c, y_e)
+    y_c.float().square().mean().backward()
+    y_e.float().square().mean().backward()
+    for p_c, p_e in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-2, atol=1e-3)
+    for a, b in zip(model.modules(), eager.modules()):
+        if isinstance(a, ScalingState):
+            assert torch.equal(a.pending_amax, b.pending_amax) and torch.equal(a.nonfinite_count, b.nonfinite_count)
