@@ -320,10 +320,11 @@ def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: 
     print(f"{'variant':>28} {'step ms':>8} {'vs bf16 same mode':>18} {'vs bf16 eager':>14} {'peak GiB':>9}")
     for r in rows:
         mode = "compile" if r["variant"].endswith("compile") else "eager"
-        r["vs_bf16_same_mode"] = round(base[mode] / r["step_ms"], 3)
-        r["vs_bf16_eager"] = round(base["eager"] / r["step_ms"], 3)
-        print(f"{r['variant']:>28} {r['step_ms']:8.2f} {r['vs_bf16_same_mode']:18.2f} {r['vs_bf16_eager']:14.2f} "
-              f"{r['peak_GiB']:9.2f}  {r['note']}")
+        r["vs_bf16_same_mode"] = round(base[mode] / r["step_ms"], 3) if base[mode] else None
+        r["vs_bf16_eager"] = round(base["eager"] / r["step_ms"], 3) if base["eager"] else None
+        ratios = " ".join(f"{v:>16.2f}" if v is not None else f"{'-':>16}" for v in
+                          (r["vs_bf16_same_mode"], r["vs_bf16_eager"]))
+        print(f"{r['variant']:>28} {r['step_ms']:8.2f} {ratios} {r['peak_GiB']:9.2f}  {r['note']}")
         emit(r)
     return rows
 
