@@ -1,17 +1,22 @@
 """INT8 block-scaled GEMM with dynamic fallback vs bf16 and vs ``torch._int_mm`` (GPU).
 
-Run: PYTHONPATH=. python bench/bench_int8.py [--out DIR]      (writes bench_int8.json to DIR, default $OUT or .)
+Run: PYTHONPATH=. python bench/bench_int8.py [--out DIR] [--configs all|default|NAME,...] [--top N]
+     [--extra ptr,interleave,fb1]      (writes bench_int8.json; docs/int8.md used --extra fb1 --top 2)
 
 Per shape: x (M, K) bf16 with outliers injected into a random 5% of its 128x128 tiles, W (N, K) bf16. Timed (median
-of CUDA-event runs, triton.testing.do_bench): bf16 ``x @ Wᵀ``; ``torch._int_mm`` on pre-quantized operands (no scales:
-the ceiling cuBLAS gives); our Triton GEMM without fallback, with residual fallback and with hp fallback (operands
-pre-quantized: the GEMM alone), the fused activation quantizer, and quantizer + GEMM. The weight is quantized once per
-optimizer step, so it is not timed. TFLOP/s count 2·M·N·K (fallback work not counted as useful).
+of CUDA-event runs, triton.testing.do_bench), all in the same process: bf16 ``x @ Wᵀ``; ``torch._int_mm`` on
+pre-quantized operands (no scales: the ceiling cuBLAS gives); our Triton GEMM for every configuration of
+``CONFIGS`` (``--extra``: the pointer-load, interleaved and unpipelined-fallback variants) without fallback, then the
+``--top`` fastest (and ``fb1``) with ``residual`` and with ``hp`` fallback (operands pre-quantized: the GEMM alone,
+launcher included), the fused activation quantizer, and quantizer + GEMM. Every timed GEMM output is also checked
+against the pure-PyTorch reference (``rel_err``, bf16 output). The weight is quantized once per optimizer step, so it
+is not timed. TFLOP/s count 2·M·N·K (fallback work not counted as useful).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -20,7 +25,6 @@ import platform
 import torch
 
 SHAPES = ((16384, 4096, 4096), (8192, 8192, 8192))
-CONFIGS = ((128, 8, 4), (128, 4, 4), (128, 8, 3), (256, 8, 3))  # (block_n, num_warps, num_stages)
 
 
 def make_inputs(m: int, k: int, n: int, frac: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,12 +42,29 @@ def main() -> None:
     import triton.testing
 
     from lowbit_amp.int8.block_quant import quantize_blocks
-    from lowbit_amp.kernels.int8_gemm import triton_block_mm_nt, triton_quantize_act
+    from lowbit_amp.int8.reference_gemm import reference_block_mm_nt
+    from lowbit_amp.kernels.int8_gemm import CONFIGS, DEFAULT_CONFIG, triton_block_mm_nt, triton_quantize_act
+    from lowbit_amp.quant.metrics import rel_err
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--threshold", type=float, default=6.0)
+    parser.add_argument("--configs", default="all")
+    parser.add_argument("--extra", default="", help="extra variants: ptr,interleave,fb1")
+    parser.add_argument("--top", type=int, default=3, help="how many of the fastest configs run with fallback")
     args = parser.parse_args()
+    parser_extra = args.extra.split(",") if args.extra else []
+    variants = dict(CONFIGS)
+    if "ptr" in parser_extra:  # pointer loads (cp.async) instead of TMA; run 1: 0.47x bf16
+        variants[DEFAULT_CONFIG + "_ptr"] = dataclasses.replace(CONFIGS[DEFAULT_CONFIG], use_tma=False)
+    if "fb1" in parser_extra:  # the fallback loop not software-pipelined
+        variants[DEFAULT_CONFIG + "_fb1"] = dataclasses.replace(CONFIGS[DEFAULT_CONFIG], fb_stages=1)
+    if "interleave" in parser_extra:  # run 1: 0.77x bf16
+        variants["n128_w8_s3_r128_il"] = dataclasses.replace(CONFIGS["n128_w8_s3_r128"], interleave=True)
+    if args.configs == "default":
+        variants = {DEFAULT_CONFIG: CONFIGS[DEFAULT_CONFIG]}
+    elif args.configs != "all":
+        variants = {name: variants[name] for name in args.configs.split(",")}
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     rows = []
     for m, k, n in SHAPES:
@@ -51,46 +72,61 @@ def main() -> None:
         wq = quantize_blocks(w, "128x128")
         ops = {mode: triton_quantize_act(x, 128, mode != "none", args.threshold, mode if mode != "none" else "residual")
                for mode in ("none", "residual", "hp")}
+        refs = {mode: reference_block_mm_nt(op, wq, torch.float32, b_hp=w) for mode, op in ops.items()}
         frac = float(ops["residual"].flags.float().mean())
         flops = 2.0 * m * n * k
-        res = {"shape": f"{m}x{k}x{n}", "fallback_fraction": frac}
+        res: dict = {"shape": f"{m}x{k}x{n}", "fallback_fraction": frac, "configs": {}}
         res["bf16_ms"] = bench(lambda: x @ w.t())
         xq, wqt = ops["none"].q, wq.q.t()
         res["int_mm_ms"] = bench(lambda: torch._int_mm(xq, wqt))
-        best = None
-        for cfg in CONFIGS:
-            bn, nw, ns = cfg
+        print(f"{res['shape']}: fallback {frac:.3f}  bf16 {res['bf16_ms']:.3f} ms ({flops / res['bf16_ms'] / 1e9:.0f} "
+              f"TFLOP/s)  _int_mm {res['int_mm_ms']:.3f} ms ({res['bf16_ms'] / res['int_mm_ms']:.2f}x bf16)",
+              flush=True)
+
+        def run(name: str, mode: str) -> None:
+            cfg = variants[name]
+            kw = {"b_hp": w} if mode == "hp" else {}
+            fn = lambda: triton_block_mm_nt(ops[mode], wq, torch.bfloat16, config=cfg, **kw)  # noqa: E731
             try:
-                t = bench(lambda: triton_block_mm_nt(ops["none"], wq, torch.bfloat16, block_n=bn, num_warps=nw,
-                                                     num_stages=ns))
-            except Exception as err:  # a config that does not fit (shared memory) is skipped, and said
-                print(f"config {cfg} failed: {type(err).__name__}: {str(err)[:120]}")
-                continue
-            res[f"triton_nofb_ms_{bn}_{nw}_{ns}"] = t
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        assert best is not None
-        bn, nw, ns = best[1]
-        kw = dict(block_n=bn, num_warps=nw, num_stages=ns)
-        res["config"] = {"block_n": bn, "num_warps": nw, "num_stages": ns}
-        res["triton_nofb_ms"] = best[0]
-        res["triton_residual_ms"] = bench(lambda: triton_block_mm_nt(ops["residual"], wq, torch.bfloat16, **kw))
-        res["triton_hp_ms"] = bench(lambda: triton_block_mm_nt(ops["hp"], wq, torch.bfloat16, b_hp=w, **kw))
+                err = rel_err(refs[mode], fn().float())
+                t = bench(fn)
+            except Exception as exc:  # a config that does not fit (shared memory, registers) is skipped, and said
+                print(f"  {name:22s} {mode:8s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                return
+            entry = res["configs"].setdefault(name, {"config": dataclasses.asdict(cfg)})
+            entry[f"{mode}_ms"] = t
+            entry[f"{mode}_rel_err"] = err
+            print(f"  {name:22s} {mode:8s} {t:.3f} ms  {flops / t / 1e9:6.0f} TFLOP/s  {res['bf16_ms'] / t:.2f}x bf16  "
+                  f"{res['int_mm_ms'] / t:.2f}x _int_mm  rel_err {err:.2e}", flush=True)
+
+        for name in variants:
+            run(name, "none")
+        timed = sorted((v["none_ms"], name) for name, v in res["configs"].items() if "none_ms" in v)
+        fallback_names = [name for _, name in timed[: args.top]]
+        fallback_names += [name for name in variants if name.endswith("_fb1") and name not in fallback_names]
+        for name in fallback_names:
+            run(name, "residual")
+            run(name, "hp")
+        for mode in ("none", "residual", "hp"):
+            done = [(v[f"{mode}_ms"], name) for name, v in res["configs"].items() if f"{mode}_ms" in v]
+            if done:
+                best_t, best = min(done)
+                res[f"best_{mode}"] = {"config": best, "ms": best_t, "tflops": flops / best_t / 1e9,
+                                       "vs_bf16": res["bf16_ms"] / best_t, "vs_int_mm": res["int_mm_ms"] / best_t}
         res["quantize_residual_ms"] = bench(lambda: triton_quantize_act(x, 128, True, args.threshold, "residual"))
-        res["quant_plus_gemm_residual_ms"] = bench(lambda: triton_block_mm_nt(
-            triton_quantize_act(x, 128, True, args.threshold, "residual"), wq, torch.bfloat16, **kw))
-        for key in [key for key in res if key.endswith("_ms")]:
-            res[key.replace("_ms", "_tflops")] = flops / res[key] / 1e9
-        for key in ("int_mm", "triton_nofb", "triton_residual", "triton_hp", "quant_plus_gemm_residual"):
-            res[f"{key}_vs_bf16"] = res["bf16_ms"] / res[f"{key}_ms"]
-        res["triton_residual_vs_int_mm"] = res["int_mm_ms"] / res["triton_residual_ms"]
+        res["quantize_none_ms"] = bench(lambda: triton_quantize_act(x, 128, False, args.threshold))
+        if "best_residual" in res:
+            cfg = variants[res["best_residual"]["config"]]
+            t = bench(lambda: triton_block_mm_nt(triton_quantize_act(x, 128, True, args.threshold, "residual"), wq,
+                                                 torch.bfloat16, config=cfg))
+            res["quant_plus_gemm_residual_ms"] = t
+            res["quant_plus_gemm_residual_vs_bf16"] = res["bf16_ms"] / t
         rows.append(res)
-        print(f"{res['shape']}: fallback {frac:.3f}  bf16 {res['bf16_ms']:.3f} ms  _int_mm {res['int_mm_ms']:.3f} "
-              f"({res['int_mm_vs_bf16']:.2f}x)  triton nofb {res['triton_nofb_ms']:.3f} ({res['triton_nofb_vs_bf16']:.2f}x)"
-              f"  residual {res['triton_residual_ms']:.3f} ({res['triton_residual_vs_bf16']:.2f}x)  hp "
-              f"{res['triton_hp_ms']:.3f} ({res['triton_hp_vs_bf16']:.2f}x)  quant {res['quantize_residual_ms']:.3f}"
-              f"  quant+gemm {res['quant_plus_gemm_residual_ms']:.3f} ({res['quant_plus_gemm_residual_vs_bf16']:.2f}x)"
-              f"  config {res['config']}")
+        summary = {key: (round(val["vs_bf16"], 3), round(val["vs_int_mm"], 3), val["config"])
+                   for key, val in res.items() if key.startswith("best_")}
+        print(f"  best (vs bf16, vs _int_mm, config): {summary}  quantize x: residual "
+              f"{res['quantize_residual_ms']:.3f} ms, none {res['quantize_none_ms']:.3f} ms  quant+gemm(residual) "
+              f"{res.get('quant_plus_gemm_residual_ms', float('nan')):.3f} ms", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat(), "results": rows}
     os.makedirs(args.out, exist_ok=True)

@@ -1,23 +1,84 @@
 """Triton ``@jit`` kernels of the INT8 path; imported only by :mod:`lowbit_amp.kernels.int8_gemm`'s launchers, lazily.
 
-Kept apart so that importing the launchers (and ``lowbit_amp``) never imports Triton. See that module for the design.
+Kept apart so that importing the launchers (and ``lowbit_amp``) never imports Triton. See that module for the design
+and for the measurements behind each choice.
 """
 
 import triton
 import triton.language as tl
 
+# INT32 -> FP32 without a conversion instruction: the MMA starts from the integer 0x4B400000, the bit pattern of the
+# float 1.5·2²³, so the INT32 result ``0x4B400000 + part`` *is* the float ``1.5·2²³ + part`` (exact while
+# |part| < 2²², i.e. K block ≤ 256 with codes in [-127, 127]); one exact FADD removes the offset. See int8_gemm.py.
+MAGIC_I = tl.constexpr(0x4B400000)
+MAGIC_F = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _block_product(a, b, MAGIC: tl.constexpr):
+    """FP32 value of the INT32 product of one K block (exact: |a·b| ≤ 127²·BK < 2²²)."""
+    if MAGIC:
+        part = tl.dot(a, b, acc=tl.full((a.shape[0], b.shape[1]), MAGIC_I, tl.int32), out_dtype=tl.int32)
+        return part.to(tl.float32, bitcast=True) - MAGIC_F
+    else:
+        return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+
+
+@triton.jit
+def _block_product_int(a, b, MAGIC: tl.constexpr):
+    """The INT32 product of one K block, offset by MAGIC_I when MAGIC (see _int_to_f32)."""
+    if MAGIC:
+        return tl.dot(a, b, acc=tl.full((a.shape[0], b.shape[1]), MAGIC_I, tl.int32), out_dtype=tl.int32)
+    else:
+        return tl.dot(a, b, out_dtype=tl.int32)
+
+
+@triton.jit
+def _int_to_f32(part, MAGIC: tl.constexpr):
+    if MAGIC:
+        return part.to(tl.float32, bitcast=True) - MAGIC_F
+    else:
+        return part.to(tl.float32)
+
+
+@triton.jit
+def _scale(sa_inv, sb_tile, sb_rows, kb, s_sbk, n_ok, SB_SCALAR: tl.constexpr):
+    """The combined dequantization multiplier of K block kb: ``sinv_a[m] · sinv_b[n]``."""
+    if SB_SCALAR:
+        return (sa_inv * tl.load(sb_tile + kb * s_sbk))[:, None]
+    else:
+        return sa_inv[:, None] * tl.load(sb_rows + kb * s_sbk, mask=n_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _load_b(b_src, off_n, k0, offs_k, offs_n, n_ok, K, s_bk, s_bn,
+            BNS: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr):
+    """One ``BK x BNS`` tile of the transposed weight; K is the contiguous dim (wgmma's INT8 operands are K-major)."""
+    if USE_TMA:
+        return b_src.load([off_n, k0]).T
+    else:
+        ptrs = b_src + (k0 + offs_k)[:, None] * s_bk + offs_n[None, :] * s_bn
+        if EVEN:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=((k0 + offs_k) < K)[:, None] & n_ok[None, :], other=0)
+
 
 @triton.jit
 def int8_block_mm_kernel(
-    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
-    a2_ptr, sa2_ptr, b2_ptr, fb_idx_ptr, fb_cnt_ptr,
+    a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+    a2_src, sa2_ptr, b2_src, fb_idx_ptr, fb_cnt_ptr,
     M, N, K,
     s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_sam, s_sak, s_sbn, s_sbk,
     s_a2m, s_a2k, s_sa2m, s_sa2k, s_b2n, s_b2k, s_fb,
     A_ROWS: tl.constexpr, B_ROWS: tl.constexpr, SB_SCALAR: tl.constexpr, FALLBACK: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr, DYNAMIC_FB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr, MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr,
+    FB_STAGES: tl.constexpr,
 ):
+    """``c = a · bᵀ`` block-scaled; ``sa``: a's raw scales (inverted here), ``sb``: b's *inverse* scales."""
+    BNS: tl.constexpr = BN // SPLIT_N
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -26,78 +87,152 @@ def int8_block_mm_kernel(
     group_size = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_size
     pid_n = (pid % in_group) // group_size
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    off_m = pid_m * BM
+    off_n0 = pid_n * BN
+    off_n1 = off_n0 + BNS
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n0 = off_n0 + tl.arange(0, BNS)
+    offs_n1 = off_n1 + tl.arange(0, BNS)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m < M
-    n_ok = offs_n < N
+    n0_ok = offs_n0 < N
+    n1_ok = offs_n1 < N
     sa_rows = sa_ptr + (offs_m // A_ROWS) * s_sam
-    sb_rows = sb_ptr + (offs_n // B_ROWS) * s_sbn
-    sb_tile = sb_ptr + ((pid_n * BN) // B_ROWS) * s_sbn
-    a_tile = a_ptr + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
-    b_tile = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, N_KB):  # N_KB constexpr: one compile per K, and Triton's interpreter needs it
-        if EVEN:
-            a = tl.load(a_tile + kb * BK * s_ak)
-            b = tl.load(b_tile + kb * BK * s_bk)
-        else:
-            k_ok = (kb * BK + offs_k) < K
-            a = tl.load(a_tile + kb * BK * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            b = tl.load(b_tile + kb * BK * s_bk, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-        sa = tl.load(sa_rows + kb * s_sak, mask=m_ok, other=0.0)
-        if SB_SCALAR:
-            scale = (sa * tl.load(sb_tile + kb * s_sbk))[:, None]
-        else:
-            scale = sa[:, None] * tl.load(sb_rows + kb * s_sbk, mask=n_ok, other=0.0)[None, :]
-        acc += part * scale
+    sb0_rows = sb_ptr + (offs_n0 // B_ROWS) * s_sbn
+    sb1_rows = sb_ptr + (offs_n1 // B_ROWS) * s_sbn
+    sb0_tile = sb_ptr + (off_n0 // B_ROWS) * s_sbn
+    sb1_tile = sb_ptr + (tl.minimum(off_n1, N - 1) // B_ROWS) * s_sbn
+    if not USE_TMA:
+        a_tile = a_src + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
+    acc0 = tl.zeros((BM, BNS), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BNS), dtype=tl.float32)  # the second N half (SPLIT_N == 2) only; dead code otherwise
     if FALLBACK != 0:
+        # The fallback K blocks first: after the main loop, their pointers and indices stayed live through it and
+        # made it spill (ptxas, 128x128 tiles: 96-136 B of stack inside the main loop). Only the FP32 summation
+        # order differs from the reference (fallback terms first).
         count = tl.load(fb_cnt_ptr + pid_m)
+        kb_next = tl.load(fb_idx_ptr + pid_m * s_fb)
         if DYNAMIC_FB:
-            for i in range(0, count):
-                acc = fallback_step(acc, i, pid_m, offs_m, offs_n, offs_k, m_ok, n_ok, K, b_ptr, s_bk, s_bn,
-                                    sb_rows, sb_tile, s_sbk, a2_ptr, sa2_ptr, b2_ptr, fb_idx_ptr,
-                                    s_a2m, s_a2k, s_sa2m, s_sa2k, s_b2n, s_b2k, s_fb,
-                                    A_ROWS, SB_SCALAR, FALLBACK, BK)
+            for i in tl.range(0, count, num_stages=FB_STAGES):
+                kb = kb_next
+                kb_next = tl.load(fb_idx_ptr + pid_m * s_fb + tl.minimum(i + 1, N_KB - 1))
+                acc0, acc1 = fallback_step(acc0, acc1, kb, off_m, off_n0, off_n1, offs_m, offs_n0, offs_n1, offs_k,
+                                           m_ok, n0_ok, n1_ok, K, b_src, s_bk, s_bn, sb0_rows, sb1_rows, sb0_tile,
+                                           sb1_tile, s_sbk, a2_src, sa2_ptr, b2_src, s_a2m, s_a2k, s_sa2m, s_sa2k,
+                                           s_b2n, s_b2k, A_ROWS, SB_SCALAR, FALLBACK, BK, SPLIT_N, MAGIC, USE_TMA,
+                                           EVEN)
         else:  # Triton's interpreter rejects loop bounds loaded from memory: a static bound with a guard
             for i in range(0, N_KB):
                 if i < count:
-                    acc = fallback_step(acc, i, pid_m, offs_m, offs_n, offs_k, m_ok, n_ok, K, b_ptr, s_bk, s_bn,
-                                        sb_rows, sb_tile, s_sbk, a2_ptr, sa2_ptr, b2_ptr, fb_idx_ptr,
-                                        s_a2m, s_a2k, s_sa2m, s_sa2k, s_b2n, s_b2k, s_fb,
-                                        A_ROWS, SB_SCALAR, FALLBACK, BK)
+                    kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
+                    acc0, acc1 = fallback_step(acc0, acc1, kb, off_m, off_n0, off_n1, offs_m, offs_n0, offs_n1, offs_k,
+                                               m_ok, n0_ok, n1_ok, K, b_src, s_bk, s_bn, sb0_rows, sb1_rows, sb0_tile,
+                                               sb1_tile, s_sbk, a2_src, sa2_ptr, b2_src, s_a2m, s_a2k, s_sa2m, s_sa2k,
+                                               s_b2n, s_b2k, A_ROWS, SB_SCALAR, FALLBACK, BK, SPLIT_N, MAGIC, USE_TMA,
+                                               EVEN)
+    # The scales of K block kb+1 are loaded during block kb (their L2 latency then overlaps an MMA).
+    sa_inv_n = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_rows, mask=m_ok, other=1.0))
+    for kb in range(0, N_KB):  # N_KB constexpr: one compile per K, and Triton's interpreter needs it
+        k0 = kb * BK
+        kn = tl.minimum(kb + 1, N_KB - 1)
+        sa_inv = sa_inv_n
+        sa_inv_n = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_rows + kn * s_sak, mask=m_ok, other=1.0))
+        if USE_TMA:
+            a = a_src.load([off_m, k0])
+        elif EVEN:
+            a = tl.load(a_tile + k0 * s_ak)
+        else:
+            a = tl.load(a_tile + k0 * s_ak, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0)
+        b0 = _load_b(b_src, off_n0, k0, offs_k, offs_n0, n0_ok, K, s_bk, s_bn, BNS, BK, USE_TMA, EVEN)
+        scale0 = _scale(sa_inv, sb0_tile, sb0_rows, kb, s_sbk, n0_ok, SB_SCALAR)
+        if INTERLEAVE and SPLIT_N == 2:  # both halves' MMAs issued before either promotion
+            b1 = _load_b(b_src, off_n1, k0, offs_k, offs_n1, n1_ok, K, s_bk, s_bn, BNS, BK, USE_TMA, EVEN)
+            scale1 = _scale(sa_inv, sb1_tile, sb1_rows, kb, s_sbk, n1_ok, SB_SCALAR)
+            q0 = _block_product_int(a, b0, MAGIC)
+            q1 = _block_product_int(a, b1, MAGIC)
+            acc0 += _int_to_f32(q0, MAGIC) * scale0
+            acc1 += _int_to_f32(q1, MAGIC) * scale1
+        else:
+            acc0 += _block_product(a, b0, MAGIC) * scale0
+            if SPLIT_N == 2:
+                b1 = _load_b(b_src, off_n1, k0, offs_k, offs_n1, n1_ok, K, s_bk, s_bn, BNS, BK, USE_TMA, EVEN)
+                acc1 += _block_product(a, b1, MAGIC) * _scale(sa_inv, sb1_tile, sb1_rows, kb, s_sbk, n1_ok,
+                                                              SB_SCALAR)
+    _store_half(acc0, c_ptr, bias_ptr, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN)
+    if SPLIT_N == 2:
+        _store_half(acc1, c_ptr, bias_ptr, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN)
+
+
+@triton.jit
+def _store_half(acc, c_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS: tl.constexpr,
+                EVEN: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if EVEN:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 
 @triton.jit
-def fallback_step(acc, i, pid_m, offs_m, offs_n, offs_k, m_ok, n_ok, K, b_ptr, s_bk, s_bn,
-                  sb_rows, sb_tile, s_sbk, a2_ptr, sa2_ptr, b2_ptr, fb_idx_ptr,
-                  s_a2m, s_a2k, s_sa2m, s_sa2k, s_b2n, s_b2k, s_fb,
-                  A_ROWS: tl.constexpr, SB_SCALAR: tl.constexpr, FALLBACK: tl.constexpr, BK: tl.constexpr):
-    """One fallback K block of this M tile: the residual INT8 product (mode 1) or the bf16 product (mode 2)."""
-    kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
-    ks = kb * BK + offs_k
-    k_ok = ks < K
-    a_mask = m_ok[:, None] & k_ok[None, :]
-    b_mask = k_ok[:, None] & n_ok[None, :]
+def _fallback_half(acc, a2, kb, off_n, ks, k_ok, offs_n, n_ok, sa2_inv, b_src, s_bk, s_bn, sb_rows, sb_tile,
+                   s_sbk, b2_src, s_b2n, s_b2k, K, offs_k, SB_SCALAR: tl.constexpr, FALLBACK: tl.constexpr,
+                   MAGIC: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr, BNS: tl.constexpr,
+                   BK: tl.constexpr):
     if FALLBACK == 1:
-        a2 = tl.load(a2_ptr + offs_m[:, None] * s_a2m + ks[None, :] * s_a2k, mask=a_mask, other=0)
-        b = tl.load(b_ptr + ks[:, None] * s_bk + offs_n[None, :] * s_bn, mask=b_mask, other=0)
-        part = tl.dot(a2, b, out_dtype=tl.int32).to(tl.float32)
-        sa2 = tl.load(sa2_ptr + (offs_m // A_ROWS) * s_sa2m + kb * s_sa2k, mask=m_ok, other=0.0)
-        if SB_SCALAR:
-            scale = (sa2 * tl.load(sb_tile + kb * s_sbk))[:, None]
-        else:
-            scale = sa2[:, None] * tl.load(sb_rows + kb * s_sbk, mask=n_ok, other=0.0)[None, :]
-        acc += part * scale
+        b = _load_b(b_src, off_n, kb * BK, offs_k, offs_n, n_ok, K, s_bk, s_bn, BNS, BK, USE_TMA, EVEN)
+        acc += _block_product(a2, b, MAGIC) * _scale(sa2_inv, sb_tile, sb_rows, kb, s_sbk, n_ok, SB_SCALAR)
     else:
-        a2 = tl.load(a2_ptr + offs_m[:, None] * s_a2m + ks[None, :] * s_a2k, mask=a_mask, other=0.0)
-        b2 = tl.load(b2_ptr + ks[:, None] * s_b2k + offs_n[None, :] * s_b2n, mask=b_mask, other=0.0)
+        b2 = _load_b(b2_src, off_n, kb * BK, offs_k, offs_n, n_ok, K, s_b2k, s_b2n, BNS, BK, USE_TMA, EVEN)
         acc += tl.dot(a2, b2, out_dtype=tl.float32)
     return acc
+
+
+@triton.jit
+def fallback_step(acc0, acc1, kb, off_m, off_n0, off_n1, offs_m, offs_n0, offs_n1, offs_k, m_ok, n0_ok, n1_ok, K,
+                  b_src, s_bk, s_bn, sb0_rows, sb1_rows, sb0_tile, sb1_tile, s_sbk, a2_src, sa2_ptr, b2_src,
+                  s_a2m, s_a2k, s_sa2m, s_sa2k, s_b2n, s_b2k,
+                  A_ROWS: tl.constexpr, SB_SCALAR: tl.constexpr, FALLBACK: tl.constexpr, BK: tl.constexpr,
+                  SPLIT_N: tl.constexpr, MAGIC: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr):
+    """One fallback K block ``kb`` of this M tile: the residual INT8 product (mode 1) or the bf16 product (mode 2).
+
+    Same loads as the main loop (TMA descriptors where the operands allow): pointer loads staged the tiles through
+    registers and made the whole kernel spill (ptxas: 688 B of stack for the 128x128/4-warp config)."""
+    BNS: tl.constexpr = offs_n0.shape[0]
+    ks = kb * BK + offs_k
+    k_ok = ks < K
+    if USE_TMA:
+        a2 = a2_src.load([off_m, kb * BK])
+    elif EVEN:
+        a2 = tl.load(a2_src + offs_m[:, None] * s_a2m + ks[None, :] * s_a2k)
+    else:
+        a2 = tl.load(a2_src + offs_m[:, None] * s_a2m + ks[None, :] * s_a2k, mask=m_ok[:, None] & k_ok[None, :],
+                     other=0)
+    if FALLBACK == 1:
+        sa2 = tl.load(sa2_ptr + (offs_m // A_ROWS) * s_sa2m + kb * s_sa2k, mask=m_ok, other=1.0)
+        sa2_inv = tl.math.div_rn(tl.full(sa2.shape, 1.0, tl.float32), sa2)
+    else:
+        sa2_inv = tl.zeros((offs_m.shape[0],), tl.float32)
+    acc0 = _fallback_half(acc0, a2, kb, off_n0, ks, k_ok, offs_n0, n0_ok, sa2_inv, b_src, s_bk, s_bn, sb0_rows,
+                          sb0_tile, s_sbk, b2_src, s_b2n, s_b2k, K, offs_k, SB_SCALAR, FALLBACK, MAGIC, USE_TMA, EVEN,
+                          BNS, BK)
+    if SPLIT_N == 2:
+        acc1 = _fallback_half(acc1, a2, kb, off_n1, ks, k_ok, offs_n1, n1_ok, sa2_inv, b_src, s_bk, s_bn, sb1_rows,
+                              sb1_tile, s_sbk, b2_src, s_b2n, s_b2k, K, offs_k, SB_SCALAR, FALLBACK, MAGIC, USE_TMA,
+                              EVEN, BNS, BK)
+    return acc0, acc1
+
+
+@triton.jit
+def fallback_index_kernel(flag_ptr, idx_ptr, cnt_ptr, n_kb, s_fm, s_fk, s_im, NKB_P2: tl.constexpr):
+    """Per M tile (program): the count of flagged K blocks and their indices first, ascending (one launch)."""
+    row = tl.program_id(0)
+    kbs = tl.arange(0, NKB_P2)
+    flag = tl.load(flag_ptr + row * s_fm + kbs * s_fk, mask=kbs < n_kb, other=0) != 0
+    pos = tl.cumsum(flag.to(tl.int32), axis=0) - 1
+    tl.store(idx_ptr + row * s_im + pos, kbs, mask=flag)
+    tl.store(cnt_ptr + row, tl.sum(flag.to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -108,46 +243,57 @@ def scale_of(amax):
     scale = tl.minimum(recip * 127.0, 8.507059173023462e37)  # 2**126, the core formula's cap
     return tl.where(usable, scale, 1.0)
 
+
 @triton.jit
 def round_codes(y):
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |y| < 2**22 half-to-even, as torch.round
     return tl.where(y == y, y, 0.0).to(tl.int8)
 
-@triton.jit
-def row_amax_kernel(x_ptr, amax_ptr, M, K, s_xm, s_xk, s_am, s_ak, BM: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    kb = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    ks = kb * BK + tl.arange(0, BK)
-    mask = (offs_m[:, None] < M) & (ks[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * s_xm + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-    tl.store(amax_ptr + offs_m * s_am + kb * s_ak, tl.max(tl.abs(x), axis=1), mask=offs_m < M)
 
 @triton.jit
-def quantize_kernel(
-    x_ptr, amax_ptr, flag_ptr, q_ptr, scale_ptr, q2_ptr, scale2_ptr,
-    M, K, s_xm, s_xk, s_am, s_ak, s_fm, s_fk, s_qm, s_qk,
-    MODE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+def quantize_main_kernel(
+    x_ptr, amax_ptr, q_ptr, scale_ptr,
+    M, K, s_xm, s_xk, s_am, s_ak, s_qm, s_qk,
+    RB: tl.constexpr, BK: tl.constexpr,
 ):
+    """The one full pass over x: per ``1 x BK`` block its amax (kept for the fallback decision), scale and codes."""
     pid_m = tl.program_id(0)
     kb = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_m = pid_m * RB + tl.arange(0, RB)
     ks = kb * BK + tl.arange(0, BK)
     m_ok = offs_m < M
     mask = m_ok[:, None] & (ks[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * s_xm + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-    scale = scale_of(tl.load(amax_ptr + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0))
+    row_amax = tl.max(tl.abs(x), axis=1)
+    tl.store(amax_ptr + offs_m * s_am + kb * s_ak, row_amax, mask=m_ok)
+    scale = scale_of(row_amax)
     tl.store(scale_ptr + offs_m * s_am + kb * s_ak, scale, mask=m_ok)
-    q = round_codes(x * scale[:, None])
+    tl.store(q_ptr + offs_m[:, None] * s_qm + ks[None, :] * s_qk, round_codes(x * scale[:, None]), mask=mask)
+
+
+@triton.jit
+def quantize_fallback_kernel(
+    x_ptr, scale_ptr, flag_ptr, q_ptr, q2_ptr, scale2_ptr,
+    M, K, s_xm, s_xk, s_am, s_ak, s_fm, s_fk, s_qm, s_qk,
+    MODE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Flagged ``BM x BK`` tiles only (others return at once): residual codes (MODE 1) or zeroed codes (MODE 2)."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
     flag = tl.load(flag_ptr + pid_m * s_fm + kb * s_fk)
-    if MODE == 2:
-        if flag != 0:
-            q = tl.zeros_like(q)
-    q_offs = offs_m[:, None] * s_qm + ks[None, :] * s_qk
-    tl.store(q_ptr + q_offs, q, mask=mask)
-    if MODE == 1:
-        if flag != 0:
+    if flag != 0:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        ks = kb * BK + tl.arange(0, BK)
+        m_ok = offs_m < M
+        mask = m_ok[:, None] & (ks[None, :] < K)
+        q_offs = offs_m[:, None] * s_qm + ks[None, :] * s_qk
+        if MODE == 2:
+            tl.store(q_ptr + q_offs, tl.zeros((BM, BK), tl.int8), mask=mask)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + offs_m * s_am + kb * s_ak, mask=m_ok, other=1.0)
+            q = tl.load(q_ptr + q_offs, mask=mask, other=0)
             scale_inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
             missed = x - q.to(tl.float32) * scale_inv[:, None]
             missed = tl.where(mask, missed, 0.0)

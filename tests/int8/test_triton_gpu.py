@@ -1,4 +1,8 @@
-"""The Triton INT8 kernels against the reference (GPU only; the CPU interpreter test is in test_triton_interpreter)."""
+"""The Triton INT8 kernels against the reference (GPU only; the CPU interpreter test is in test_train_int8.py).
+
+Tolerances: codes/scales/flags bit-equal; GEMM rel. error (Frobenius) < 1e-6 without fallback and with residual fallback
+(FP32 summation order only: the kernel sums the fallback terms first and multiplies by the combined scale once);
+< 1e-4 with hp fallback (bf16 tensor-core products summed in another order)."""
 
 from __future__ import annotations
 
@@ -50,3 +54,27 @@ def test_triton_matches_reference(mode: str, shape: tuple[int, int, int], weight
     assert rel_err(y_ref, y_tri) < tol
     y_bf16 = triton_block_mm_nt(tri, wq, torch.bfloat16, bias=bias, b_hp=w)
     assert rel_err(y_ref, y_bf16) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["n256_w8_s3", "n256_w8_s4", "n128_w4_s3", "n128_w8_s3_r128", "n128_w4_s3_magic",
+                                  "interleave", "ptr"])
+def test_every_config_matches_reference(name: str) -> None:
+    """Every entry of the config table (and the pointer-load variant) on one TMA-eligible shape, with fallback."""
+    import dataclasses
+
+    from lowbit_amp.kernels.int8_gemm import CONFIGS, DEFAULT_CONFIG, triton_block_mm_nt
+
+    extra = {"ptr": {"use_tma": False}, "interleave": {"interleave": True, "maxnreg": 128, "block_n": 128}}
+    cfg = dataclasses.replace(CONFIGS[DEFAULT_CONFIG], **extra[name]) if name in extra else CONFIGS[name]
+    m, k, n = 384, 512, 512
+    x = _x(m, k, seed=1)
+    w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) * 0.05
+    wq = quantize_blocks(w, "128x128")
+    for mode in ("residual", "hp"):
+        ref = quantize_with_fallback(x, "1x128", "128x128", 6.0, mode)
+        assert bool(ref.flags.any())
+        y_ref = reference_block_mm_nt(ref, wq, torch.float32, b_hp=w)
+        y_tri = triton_block_mm_nt(ref, wq, torch.float32, b_hp=w, config=cfg)
+        assert rel_err(y_ref, y_tri) < (1e-6 if mode == "residual" else 1e-4), (name, mode)
+    y_ref = reference_block_mm_nt(ref.main, wq, torch.float32)
+    assert rel_err(y_ref, triton_block_mm_nt(ref.main, wq, torch.float32, config=cfg)) < 1e-6
