@@ -12,7 +12,9 @@ What user code does with gradients keeps working (ops live in :mod:`lowbit_amp.g
   once (4 B/param while accumulating). ``docs/optimizer.md`` has the measured error of each.
 * ``mul_``/``div_`` by a scalar and ``_foreach_mul_`` change only the scale (``clip_grad_norm_``, loss unscaling);
 * ``norm``/``_foreach_norm`` compute on the dequantized values; ``zero_``/``_foreach_zero_`` keep the storage;
-* any other op sees the dequantized tensor in the declared dtype (inspection), and any other in-place op re-encodes.
+* any other op sees the dequantized tensor in the declared dtype (inspection), and any other in-place op re-encodes;
+* ``grad.data = t`` re-encodes ``t`` (``Module.to()`` relies on it); a ``t`` that views a larger buffer (DeepSpeed
+  ZeRO's aliasing of its gradient bucket) raises, since an FP8 copy cannot follow later writes to that buffer.
 
 Non-finite gradients: a NaN/inf anywhere in the FP32 gradient makes the scale NaN, so every dequantized element is NaN
 and ``isfinite(grad).all()`` (the loss scaler's check) and the optimizer's skip both see it — a saturating cast alone
@@ -32,6 +34,7 @@ from lowbit_amp.quant.granularity import amax
 __all__ = ["ACCUMULATION_MODES", "Fp8Grad", "encode_fp8", "to_fp8_weight_grad"]
 
 ACCUMULATION_MODES = ("rescale", "fp32")
+_TENSOR_DATA = torch.Tensor.data  # torch's own getset descriptor, which Fp8Grad.data wraps
 
 
 def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +106,50 @@ class Fp8Grad(torch.Tensor):
             self._pending = hp.float().clone()
         else:
             self._codes, self._scale = encode_fp8(hp.float(), self._fmt)
+
+    # ------------------------------------------------------------------------------------------------ .data
+    @property
+    def data(self) -> torch.Tensor:  # type: ignore[override]
+        """A detached alias, as for any tensor (an ``Fp8Grad`` sharing these codes)."""
+        return _TENSOR_DATA.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """``grad.data = value``: adopt ``value``'s *values* (re-encoded to FP8 codes + a fresh scale), never its storage.
+
+        Why not torch's own setter: it rebinds the wrapper's (empty) storage and leaves ``codes``/``scale`` as they
+        were, so every read kept returning the old gradient — silently. Re-encoding is right for value-style uses
+        (``Module.to()``/``.double()`` with gradients present go through ``.data =``; ``g.data = g.data * 2``). It is
+        wrong for *aliasing* uses: DeepSpeed ZeRO rebinds ``grad.data`` to a slice of its flat bucket and later reads
+        the reduced bucket back through ``param.grad``, which an FP8 copy cannot see. A ``value`` that is a view into a
+        larger buffer is that pattern, so it raises instead of quietly becoming a snapshot.
+        """
+        if isinstance(value, Fp8Grad):  # an Fp8Grad's storage *is* its codes: share them, as .data would
+            new = value
+        else:
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"Fp8Grad.data = ...: expected a floating-point tensor, got "
+                                f"{getattr(value, 'dtype', type(value).__name__)}.")
+            nbytes = value.untyped_storage().nbytes()
+            if nbytes and nbytes > value.numel() * value.element_size():
+                raise RuntimeError(
+                    f"Fp8Grad.data = <view of a {nbytes}-byte buffer>: an FP8 weight gradient stores codes + a scale, so "
+                    f"it cannot alias a slice of another buffer (DeepSpeed ZeRO's contiguous gradients do this, then "
+                    f"read the reduced bucket back through param.grad, which would silently see stale values). Fix: "
+                    f"use lowbit_amp.integrations.deepspeed_plugin.initialize (it widens Fp8Grad before ZeRO buckets "
+                    f"it), or replace the gradient object (param.grad = tensor) instead of assigning .data, or pass "
+                    f"a standalone copy (grad.data = view.clone()) if a one-time copy is what you want.")
+            hp = value.detach().float()
+            if self._pending is not None:
+                new = Fp8Grad(None, torch.ones((), device=hp.device), self._fmt, value.dtype, self._mode,
+                              pending=hp.clone())
+            else:
+                codes, scale = encode_fp8(hp, self._fmt)
+                new = Fp8Grad(codes, scale, self._fmt, value.dtype, self._mode)
+        # torch's setter with a storage-less wrapper updates the declared shape/dtype/device only
+        _TENSOR_DATA.__set__(self, new)
+        self._codes, self._scale, self._fmt, self._mode, self._pending = (
+            new._codes, new._scale, new._fmt, new._mode, new._pending)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         state = "pending fp32" if self._pending is not None else f"{self._fmt}"

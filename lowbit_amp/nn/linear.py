@@ -6,7 +6,8 @@ is ``lb_config.compute``: ``hp`` (``F.linear``, the O0 baseline through the same
 (:mod:`lowbit_amp.nn.fp8_function`) or ``int8`` (:mod:`lowbit_amp.nn.int8_function`).
 
 The weight is cast once per optimizer step, not once per micro-batch: the FP8 copy is cached under the weight's
-version counter, which every in-place update (optimizer step, ``load_state_dict``) bumps.
+version counter, which every in-place update (optimizer step, ``load_state_dict``) bumps. Writes that bypass it (through
+``weight.data``, DeepSpeed ZeRO, FSDP2) must call :meth:`LowBitLinear.invalidate_weight_cache`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 from lowbit_amp.config import LinearConfig
 from lowbit_amp.quant.operand import quantize_operand_t
 from lowbit_amp.scaling.state import ScalingState
+
+__all__ = ["LowBitLinear", "invalidate_weight_caches"]
 
 
 class LowBitLinear(nn.Linear):
@@ -57,6 +60,9 @@ class LowBitLinear(nn.Linear):
         ``with_transpose``: also make the FP8 ``Wᵀ`` the input-grad GEMM reads, in the same fused pass on CUDA
         (lowbit_amp/kernels); the cache then also holds ``1/w_scale`` (:meth:`quantized_weight_scale_inv`).
         """
+        gathered = getattr(self.weight, "lowbit_fp8_weight", None)
+        if gathered is not None:  # FSDP2 all-gathered it in FP8 already (lowbit_amp/distributed/fsdp_fp8_weight.py)
+            return gathered
         key = (self.weight._version, self.weight.data_ptr())
         cache = self._weight_cache
         if cache is None or cache[0] != key or (with_transpose and cache[3] is None):
@@ -65,6 +71,25 @@ class LowBitLinear(nn.Linear):
                     self.weight.detach(), self.weight_scaling, with_transpose, self.lb_config.fused_cast)
             self._weight_cache = (key, w_lp, w_scale, w_t, w_scale_inv)
         return self._weight_cache[1], self._weight_cache[2]
+
+    def invalidate_weight_cache(self) -> None:
+        """Drop the cached low-bit weight so the next forward casts ``weight`` afresh.
+
+        Why this exists: the cache is keyed on ``(weight._version, weight.data_ptr())``, which every in-place update of
+        the Parameter itself bumps (``optimizer.step()``, ``load_state_dict``, ``with torch.no_grad(): w.add_(...)``).
+        Writes that bypass the Parameter's version counter are invisible to that key, and the layer would keep running
+        on the cast of the old weight. Call this after any of them:
+
+        * writes through ``weight.data`` (``w.data.copy_(new)``: ``.data`` is an alias with its own version counter);
+        * ``weight.data = t`` rebinding onto storage that may sit at a reused address;
+        * engines that update parameters behind the module's back — DeepSpeed ZeRO (steps flat partitions and copies
+          back through ``.data``) and FSDP2 (re-gathers shards into the same unsharded storage); lowbit_amp's DeepSpeed
+          plugin and ``fully_shard_lowbit`` already call it for you.
+
+        Cheap: it only drops a reference; the next forward pays one cast. For a whole model use
+        :func:`lowbit_amp.nn.invalidate_weight_caches`.
+        """
+        self._weight_cache = None
 
     def quantized_weight_scale_inv(self, w_lp: torch.Tensor) -> torch.Tensor | None:
         """``1/w_scale`` of the cached cast ``w_lp`` when the fused kernel wrote it, else None."""
@@ -120,3 +145,17 @@ class LowBitLinear(nn.Linear):
         if cfg.weight_grad != "hp":
             text += f", wgrad:{cfg.weight_grad}"
         return text
+
+
+def invalidate_weight_caches(model: nn.Module) -> int:
+    """Call :meth:`LowBitLinear.invalidate_weight_cache` on every ``LowBitLinear`` in ``model``; returns how many.
+
+    Use it after updating a model's weights in a way that bypasses the Parameters' version counters (see that
+    method), e.g. after ``model.weight.data.copy_(...)`` loops or a custom parameter-server pull.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LowBitLinear):
+            module.invalidate_weight_cache()
+            count += 1
+    return count

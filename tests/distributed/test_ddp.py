@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -94,3 +95,61 @@ def test_ddp_fp8_hook_matches_single_process() -> None:
         assert torch.equal(results[0][f"{reduce}_scales"], results[1][f"{reduce}_scales"])
     assert results[0]["fp8_hooked"] and not results[0]["hp_hooked"]
     assert results[0]["unsynced_detected"], "with sync_amax=False the ranks' scales should differ and be reported"
+
+
+# ------------------------------------------------------------------------------------------------ O3 + FP8 reduction
+O3_STEPS, O3_LR = 30, 3e-3
+
+
+def _o3_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """examples/deepspeed_zero.py's batch: 4 rows counting up by 3 from a random start (the report's reproducer)."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    tokens = (torch.randint(0, 200, (4, 1), generator=gen) + torch.arange(33) * 3) % 256
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _o3_worker(rank: int, world: int, exp_avg_sq: str) -> dict:
+    from lowbit_amp.levels import resolve_config
+    from lowbit_amp.models.tiny_gpt import TinyGPT, TinyGPTConfig
+
+    out = {}
+    for reduce in ("hp", "fp8"):
+        model = TinyGPT(TinyGPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64), seed=0)
+        config = resolve_config("O3", {"comm": {"grad_reduce": reduce}, "optimizer": {"exp_avg_sq": exp_avg_sq}})
+        model, opt = amp.initialize(model, torch.optim.AdamW(model.parameters(), lr=O3_LR), opt_level=config)
+        ddp = wrap_ddp(model)
+        losses = []
+        for step in range(O3_STEPS):
+            _, loss = ddp(*_o3_batch(step, rank))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world)
+        out[reduce] = losses
+        out[f"{reduce}_hooked"] = ddp.lowbit_comm_hook_state is not None
+    return out
+
+
+@pytest.mark.parametrize("exp_avg_sq", [
+    pytest.param("e4m3_expand", marks=pytest.mark.xfail(strict=True, reason=(
+        "optim/state_codec.py e4m3_expand underflows fp32: block_max**k (k up to 8) is 0 for v <~ 1e-5, so the whole "
+        "block's v decodes to 0 and any exactly-zero gradient element steps by m/eps (measured 4.5e5 x lr). FP8 "
+        "reduction emits such zeros (~1.2% of elements: ranks' FP8 codes cancel), hp reduction rarely does. Remove "
+        "this mark when the codec normalises by the block max before the power (docs/distributed.md)."))),
+    "fp16",
+])
+def test_o3_fp8_reduction_tracks_hp_reduction(exp_avg_sq: str) -> None:
+    """O3 (AdamW 3e-3, FP8 m, bf16 SR master) with the FP8 DDP hook vs DDP's hp all-reduce, 30 steps on 2 ranks.
+
+    Tolerance 0.05 on every step's loss: measured max gap over 30 steps (losses 5.56 -> 1.92) 0.004 with fp16 v and
+    0.006 with an e4m3_expand codec that does not underflow; the shipped codec gives 3.15 (5.35 vs 2.20 at step 29).
+    """
+    results = run_ranks(_o3_worker, WORLD, exp_avg_sq)
+    hp, fp8 = torch.tensor(results[0]["hp"]), torch.tensor(results[0]["fp8"])
+    assert results[0]["fp8_hooked"] and not results[0]["hp_hooked"]
+    assert hp[-5:].mean() < hp[:5].mean() - 1.5, f"hp run did not learn: {hp.tolist()}"
+    gap = (fp8 - hp).abs()
+    assert float(gap.max()) < 0.05, f"FP8 reduction leaves the hp run at step {int(gap.argmax())}: {gap.max():.3f}"

@@ -192,3 +192,61 @@ def test_torch_amp_grad_scaler_and_foreach_inplace() -> None:
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="does not match"):
         to_fp8_weight_grad(torch.ones(3, 4), torch.zeros(4, 4), LinearConfig(weight_grad="e4m3"))
+
+
+# ------------------------------------------------------------------------------------------------ grad.data = t
+def _e4m3_bound(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound of one per-tensor E4M3 encoding: half an ulp (2**-4 relative) or half the subnormal step."""
+    scale = 448.0 / values.abs().max()
+    return 2.0**-4 * values.abs() + 2.0**-10 / scale + 1e-12
+
+
+@pytest.mark.parametrize("mode", ["rescale", "fp32"])
+def test_data_setter_reencodes_new_values(mode: str) -> None:
+    lin = layer(24, 16, mode=mode)
+    lin(torch.randn(8, 24)).sum().backward()
+    grad = lin.weight.grad
+    assert isinstance(grad, Fp8Grad)
+    new = torch.randn(16, 24, dtype=torch.float64).float() * 3.0
+    grad.data = new  # used to be silently ignored: reads kept returning the old codes
+    assert lin.weight.grad is grad and isinstance(grad, Fp8Grad)
+    got = grad.dequantize().double()
+    err = (got - new.double()).abs()
+    if mode == "rescale":
+        assert bool((err <= _e4m3_bound(new.double())).all()), float(err.max())
+        codes, _ = grad.codes_and_scale()
+        assert codes.dtype == torch.float8_e4m3fn and grad.storage_bytes() == new.numel() + 4  # still 1 B/param
+    else:
+        assert torch.equal(got, new.double())  # fp32 accumulation mode keeps the pending FP32 sum exactly
+    assert new.data_ptr() != grad.dequantize().data_ptr()  # a copy: later writes to `new` do not leak in
+
+
+def test_module_to_dtype_keeps_fp8_grad_values() -> None:
+    """``Module.double()`` with gradients present goes through ``grad.data = grad.double()``."""
+    lin = layer(24, 16)
+    lin(torch.randn(8, 24)).sum().backward()
+    before = lin.weight.grad.dequantize()
+    lin.double()
+    grad = lin.weight.grad
+    assert isinstance(grad, Fp8Grad) and grad.dtype == torch.float64 and grad.shape == (16, 24)
+    # re-encoding an already-E4M3 tensor with the same amax reproduces the same codes
+    assert torch.equal(grad.dequantize(), before)
+
+
+def test_data_setter_refuses_to_alias_a_bucket_slice() -> None:
+    lin = layer(24, 16)
+    lin(torch.randn(8, 24)).sum().backward()
+    bucket = torch.zeros(1000)  # what DeepSpeed ZeRO does: grad.data = bucket[offset:offset+n].view_as(grad)
+    with pytest.raises(RuntimeError, match=r"cannot alias a slice.*deepspeed_plugin.*param.grad = tensor"):
+        lin.weight.grad.data = bucket[100:100 + 16 * 24].view(16, 24)
+    with pytest.raises(TypeError, match="floating-point"):
+        lin.weight.grad.data = torch.zeros(16, 24, dtype=torch.int32)
+
+
+def test_data_setter_with_an_fp8_grad_shares_its_codes() -> None:
+    lin = layer(24, 16)
+    lin(torch.randn(8, 24)).sum().backward()
+    other = to_fp8_weight_grad(torch.randn(16, 24), lin.weight, lin.lb_config)
+    lin.weight.grad.data = other
+    assert lin.weight.grad.codes_and_scale()[0] is other.codes_and_scale()[0]
+    assert isinstance(lin.weight.grad.data, Fp8Grad)  # the getter still returns a detached Fp8Grad alias
