@@ -1,13 +1,18 @@
 """One optimizer step on 256M bf16 parameters: low-bit AdamW recipes vs ``torch.optim.AdamW(fused=True)`` (GPU).
 
-    PYTHONPATH=. python bench/bench_optim.py [--out DIR] [--params-m 256] [--iters 20]
+    PYTHONPATH=. python bench/bench_optim.py [--out DIR] [--params-m 256] [--iters 20] [--sweep]
 
-Timings are medians of CUDA-event-timed steps after warm-up (which includes torch.compile of the fused update). Memory:
-``state_bytes_per_param`` is the ``torch.cuda.memory_allocated`` growth caused by the first step (the optimizer state
-it creates, master copies included); ``peak_step_bytes_per_param`` is ``torch.cuda.max_memory_allocated`` during a
-step above the resident set (the step's temporaries). Gradients are given as the O2/O3 layers produce them: ``Fp8Grad``
-for the low-bit recipes, bf16 for torch. A parity column compares the compiled step with the eager (CPU-reference)
-code path on the same inputs. Writes ``bench_optim.json`` (GPU name, versions, date) to ``--out`` (default ``$OUT``).
+Each low-bit recipe runs on the path the optimizer picks by default (``fused``: the multi-tensor Triton kernel of
+lowbit_amp/kernels/adam_triton.py, where it serves the formats) and, for O3, also on the per-parameter
+``torch.compile``d update (``compiled``: ``fused=False``) it replaces. Timings are medians of CUDA-event-timed steps
+after warm-up (which includes Triton/torch.compile compilation). Memory: ``state_bytes_per_param`` is the
+``torch.cuda.memory_allocated`` growth caused by the first step (the optimizer state it creates, master copies
+included); ``peak_step_bytes_per_param`` is ``torch.cuda.max_memory_allocated`` during a step above the resident set
+(the step's temporaries). Gradients are given as the O2/O3 layers produce them: ``Fp8Grad`` for the low-bit recipes,
+bf16 for torch. The parity columns compare the timed path with the eager reference (``compile=False``) on the same
+inputs: max |Δw| and the fraction of bit-identical weights. ``--sweep`` also times the O3 kernel over
+blocks-per-program × warps and with the approximate pow. Writes ``bench_optim.json`` (GPU name, versions, date) to
+``--out`` (default ``$OUT``).
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ from lowbit_amp.config import LinearConfig
 from lowbit_amp.grads import to_fp8_weight_grad
 from lowbit_amp.optim import LowBitAdamW
 
-RECIPES: dict[str, dict[str, str] | None] = {
-    "torch AdamW fused (bf16 states)": None,
-    "O3: e4m3 m, e4m3_expand v, bf16_sr": {"exp_avg": "e4m3", "exp_avg_sq": "e4m3_expand", "master_weights": "bf16_sr"},
-    "e4m3 m, fp16 v, bf16_sr": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"},
-    "FP8-LM: e4m3 m, fp16 v, fp16 master": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "fp16"},
-}
+O3 = {"exp_avg": "e4m3", "exp_avg_sq": "e4m3_expand", "master_weights": "bf16_sr"}
+RECIPES: list[tuple[str, dict | None]] = [
+    ("torch AdamW fused (bf16 states)", None),
+    ("O3 fused: e4m3 m, e4m3_expand v, bf16_sr", O3),
+    ("fused: e4m3 m, fp16 v, bf16_sr", {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}),
+    ("O3 compiled (fused=False)", {**O3, "fused": False}),
+]
+MORE = [  # --all: slow to warm up (torch.compile), and unchanged by the fused kernel
+    ("FP8-LM: e4m3 m, fp16 v, fp16 master (compiled: fp16 master is not fused)",
+     {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "fp16"}),
+]
 
 
 def make_params(total: int, rows: int, device: torch.device) -> list[nn.Parameter]:
@@ -59,7 +69,8 @@ def time_steps(opt: torch.optim.Optimizer, iters: int) -> list[float]:
     return times
 
 
-def bench(name: str, storage: dict[str, str] | None, args: argparse.Namespace, device: torch.device) -> dict:
+def bench(name: str, storage: dict | None, args: argparse.Namespace, device: torch.device,
+          with_parity: bool = True) -> dict:
     torch.cuda.empty_cache()
     params = make_params(args.params_m * 2**20, args.rows, device)
     n = sum(p.numel() for p in params)
@@ -84,24 +95,66 @@ def bench(name: str, storage: dict[str, str] | None, args: argparse.Namespace, d
            "state_bytes_per_param": state_bytes / n, "peak_step_bytes_per_param": peak / n}
     if storage is not None:
         row["measured_state_storage_bytes_per_param"] = opt.state_bytes() / n  # type: ignore[attr-defined]
-        row["parity_max_abs_diff_vs_eager"] = parity(storage, device)
+        if with_parity:
+            row["parity_max_abs_diff_vs_eager"], row["parity_bit_identical_vs_eager"] = parity(storage, device)
     del opt, params
     return row
 
 
-def parity(storage: dict[str, str], device: torch.device) -> float:
-    """Max |compiled - eager| over the weights after 3 steps on one 1000x1000 parameter (ragged blocks included)."""
+def parity(storage: dict, device: torch.device) -> tuple[float, float]:
+    """``(max |w - w_eager|, fraction of bit-identical weights)`` after 3 steps on one 1000x1000 parameter (ragged
+    blocks included), the benchmarked path against ``compile=False`` (the eager reference)."""
     results = []
-    for use_compile in (True, False):
+    for reference in (False, True):
         gen = torch.Generator(device=device).manual_seed(2)
         p = nn.Parameter((0.02 * torch.randn(1000, 1000, device=device, generator=gen)).to(torch.bfloat16))
-        opt = LowBitAdamW([p], lr=1e-3, compile=use_compile, **storage)
+        opt = LowBitAdamW([p], lr=1e-3, **({**storage, "compile": False} if reference else storage))
         for _ in range(3):
             p.grad = to_fp8_weight_grad(torch.randn(p.shape, device=device, generator=gen), p,
                                         LinearConfig(weight_grad="e4m3"))
             opt.step()
-        results.append(p.detach().float())
-    return (results[0] - results[1]).abs().max().item()
+        results.append(p.detach())
+    same = (results[0].view(torch.int16) == results[1].view(torch.int16)).float().mean().item()
+    return (results[0].float() - results[1].float()).abs().max().item(), same
+
+
+def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """O3 fused step time over blocks-per-program x warps, and with the approximate pow."""
+    import lowbit_amp.optim.update as U
+
+    rows = []
+    defaults = (U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION)
+    for config in [(1, 1, False, False), (2, 1, False, False), (4, 1, False, False), (8, 1, False, False),
+                   (1, 2, False, False), (2, 2, False, False), (2, 1, True, False), (2, 1, False, True)]:
+        U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION = config
+        bpp, warps, exact, torch_bc = config
+        row = bench(f"O3 fused bpp={bpp} warps={warps} exact_pow={exact} torch_bc={torch_bc}", O3, args, device,
+                    with_parity=exact or torch_bc)
+        rows.append(row)
+        print(f"  {row['recipe']}: {row['step_ms_median']:.3f} ms", flush=True)
+    U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION = defaults
+    many = argparse.Namespace(**{**vars(args), "rows": 1024})  # 256 parameters of 1M: per-parameter overheads
+    for name, storage in [("torch AdamW fused, 1024x1024 params", None), ("O3 fused, 1024x1024 params", O3)]:
+        rows.append(bench(name, storage, many, device, with_parity=False))
+        print(f"  {name}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
+    profile_step(O3, args, device)
+    return rows
+
+
+def profile_step(storage: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """Where one O3 fused step's GPU time goes (kernel names and CUDA time), printed."""
+    params = make_params(args.params_m * 2**20, args.rows, device)
+    set_grads(params, fp8=True)
+    opt = LowBitAdamW(params, lr=1e-4, **storage)
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            opt.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -110,20 +163,34 @@ def main() -> None:
     parser.add_argument("--params-m", type=int, default=256, help="millions (2**20) of parameters")
     parser.add_argument("--rows", type=int, default=4096, help="each parameter is rows x rows")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--sweep", action="store_true", help="also time O3 fused over launch configurations")
+    parser.add_argument("--all", action="store_true", help="also the recipes the fused kernel does not serve")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_optim.py needs a CUDA GPU (it times fused GPU optimizer steps).")
     device = torch.device("cuda")
-    rows = [bench(name, storage, args, device) for name, storage in RECIPES.items()]
+    rows = []
+    for name, storage in RECIPES + (MORE if args.all else []):
+        rows.append(bench(name, storage, args, device))
+        print(f"  {name}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
     reference = rows[0]["step_ms_median"]
-    print("| recipe | step ms (median) | vs torch fused | state B/param | step temporaries B/param | parity |")
-    print("|---|---|---|---|---|---|")
+    if args.sweep:
+        write_json(args, rows)
+        rows += sweep(args, device)
+    print("| recipe | step ms (median) | vs torch fused | state B/param | step temporaries B/param | parity max|dw| "
+          "| bit-identical |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         r["vs_torch_fused"] = r["step_ms_median"] / reference
-        print(f"| {r['recipe']} | {r['step_ms_median']:.2f} | {r['vs_torch_fused']:.2f}x | "
+        print(f"| {r['recipe']} | {r['step_ms_median']:.3f} | {r['vs_torch_fused']:.2f}x | "
               f"{r['state_bytes_per_param']:.2f} | {r['peak_step_bytes_per_param']:.2f} | "
-              f"{r.get('parity_max_abs_diff_vs_eager', float('nan')):.2e} |")
-    meta = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              f"{r.get('parity_max_abs_diff_vs_eager', float('nan')):.2e} | "
+              f"{r.get('parity_bit_identical_vs_eager', float('nan')):.6f} |")
+    write_json(args, rows)
+
+
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "params": rows[0]["params"], "rows": rows}
     try:
         import triton
@@ -134,7 +201,6 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_optim.json"), "w") as handle:
         json.dump(meta, handle, indent=1)
-
 
 if __name__ == "__main__":
     main()

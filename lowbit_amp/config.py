@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = [
+    "ActivationConfig",
     "CommConfig",
     "ConfigError",
     "Int8Config",
@@ -247,6 +248,27 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class ActivationConfig:
+    """Storage of the tensors autograd saves for backward (COAT FP8 activations; docs/recipes.md).
+
+    ``storage``: ``hp`` (as the ops save them) or ``fp8`` (E4M3 with ``group_size`` consecutive elements per scale,
+    two-stage group scaling; tensors below ``min_numel`` elements, parameters and attention/log-softmax saves stay
+    exact). Off by default at every level: it trades quantize/dequantize passes for activation memory. Eager mode
+    only (a ``torch.compile``-d forward raises).
+    """
+
+    storage: str = _choices("hp", "fp8", default="hp")
+    group_size: int = 16
+    min_numel: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ConfigError(f"activations.group_size must be >= 1, got {self.group_size}.")
+        if self.min_numel < 0:
+            raise ConfigError(f"activations.min_numel must be >= 0, got {self.min_numel}.")
+
+
+@dataclass(frozen=True)
 class LowBitConfig:
     """Everything ``amp.initialize`` needs. Build one with :func:`lowbit_amp.levels.resolve_config`."""
 
@@ -258,6 +280,7 @@ class LowBitConfig:
     loss_scaling: LossScalingConfig = field(default_factory=LossScalingConfig)
     monitor: bool = False
     monitor_options: MonitorConfig = field(default_factory=MonitorConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
 
     def replace(self, **changes: Any) -> "LowBitConfig":
         return dataclasses.replace(self, **changes)

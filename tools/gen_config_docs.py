@@ -73,6 +73,9 @@ DESCRIPTIONS: dict[str, str] = {
     "monitor_options.auto_fallback": "Monitor: move a layer to high precision after `fallback_after` saturated samples in a row.",
     "monitor_options.fallback_after": "Monitor: consecutive saturated samples before an automatic fallback.",
     "monitor_options.max_records": "Monitor: samples kept per layer (oldest dropped).",
+    "activations.storage": "Tensors saved for backward: `hp` (as saved) or `fp8` (E4M3, group scales; COAT, docs/recipes.md).",
+    "activations.group_size": "FP8 activation storage: consecutive elements sharing one scale (COAT: 1x16).",
+    "activations.min_numel": "FP8 activation storage: tensors with fewer elements are saved as they are.",
 }
 
 OPERANDS = ("input", "weight", "grad_output")

@@ -27,7 +27,7 @@ from lowbit_amp.config import ConfigError
 from lowbit_amp.grads.fp8_grad import Fp8Grad
 from lowbit_amp.optim.master import MasterWeights
 from lowbit_amp.optim.state_codec import get_codec
-from lowbit_amp.optim.update import UpdateSpec, compiled_update
+from lowbit_amp.optim.update import UpdateSpec, all_finite, compiled_update, fused_step_for
 
 __all__ = ["LowBitOptimizer", "format_tag", "parse_format_tag"]
 
@@ -131,6 +131,8 @@ class LowBitOptimizer(torch.optim.Optimizer):
         """``(codes, scale)`` of the gradient; scale None for an ordinary gradient tensor."""
         grad = param.grad
         assert grad is not None
+        if hasattr(grad, "to_local"):  # FSDP2: a reduce-scattered DTensor gradient; this rank updates its local shard
+            grad = grad.to_local()
         if isinstance(grad, Fp8Grad):
             return grad.codes_and_scale()
         if grad.is_sparse:
@@ -162,15 +164,23 @@ class LowBitOptimizer(torch.optim.Optimizer):
         return state
 
     def _hyper(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
-        def as_t(value: Any) -> torch.Tensor:
-            return torch.as_tensor(value, dtype=torch.float32).to(device).reshape(())
-
+        """The group's hyper-parameters as one device tensor. Plain numbers: one host-to-device copy, and none while
+        they stay unchanged (cached per group and device) — five separate copies cost ~1.3 ms per step on an H200
+        (bench/bench_optim.py profile, 2026-12-01). Tensor values (e.g. a tensor lr) are read on the device."""
         if self.rule == "adam":
             beta1, beta2 = group["betas"]
             values = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
         else:
             values = [group["lr"], group.get("momentum", 0), group.get("dampening", 0), group["weight_decay"], 0.0]
-        return torch.stack([as_t(v) for v in values])
+        if any(isinstance(v, torch.Tensor) for v in values):
+            return torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
+        cache = self.__dict__.setdefault("_hyper_cache", {})
+        key = (id(group), device)
+        numbers = tuple(float(v) for v in values)
+        hit = cache.get(key)
+        if hit is None or hit[0] != numbers:
+            hit = cache[key] = (numbers, torch.tensor(numbers, dtype=torch.float32).to(device))
+        return hit[1]
 
     def state_bytes(self) -> int:
         """Bytes held by optimizer state tensors (moments, scales, master copies, counters), measured from storage."""
@@ -210,12 +220,23 @@ class LowBitOptimizer(torch.optim.Optimizer):
                     raise ValueError("The low-bit optimizer needs contiguous parameters; call .contiguous() on the "
                                      f"parameter of shape {tuple(param.shape)} before building the optimizer.")
                 codes, scale = self._grad_view(param)
-                finite.append(torch.isfinite(scale) if scale is not None else torch.isfinite(codes).all())
+                finite.append(scale if scale is not None else torch.isfinite(codes).all())  # checked at once below
                 work.append((group, param, codes, scale))
         if not work:
             return loss
         device = work[0][1].device
-        ok = torch.stack([flag.to(device) for flag in finite]).all()
+        ok = all_finite(finite, device)
+        # FSDP2 (DTensor params): each rank sees only its shards' gradients, so the skip decision is a MAX all-reduce
+        # of "some shard was non-finite" over every dim of every mesh — all ranks skip or step together.
+        meshes = {id(p.device_mesh): p.device_mesh for _, p, _, _ in work if hasattr(p, "device_mesh")}
+        if meshes:
+            import torch.distributed as dist
+
+            bad = (~ok).to(torch.int32)
+            for mesh in meshes.values():
+                for dim in range(mesh.ndim):
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+            ok = bad == 0
         if self.skipped_steps is None:
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps += (~ok).to(torch.int64)
@@ -226,23 +247,44 @@ class LowBitOptimizer(torch.optim.Optimizer):
         hypers: dict[tuple[int, torch.device], torch.Tensor] = {}
         ones: dict[torch.device, torch.Tensor] = {}
         positions: dict[int, int] | None = None  # built only on a step that initialises state
+        # Adam on CUDA: the fused Triton kernel (one launch per group of like parameters) unless compile=False (the
+        # eager reference) or the group says fused=False; what it cannot serve keeps this loop's path (update.py).
+        fused = fused_step_for(self) if self.use_compile is not False and self.rule == "adam" else None
         for group, param, codes, scale in work:
             state = self.state[param]
+            # A DTensor (FSDP2) parameter is updated through its local shard: the state is blocks of the *local* flat
+            # shard, and the rounding stream is offset by the shard's coordinate (replicas along unsharded mesh dims
+            # share it, so they stay bit-identical). A lowbit wrapper subclass (FP8 all-gather) hands over its plain data.
+            local, shard_salt = param, 0
+            if hasattr(param, "device_mesh"):
+                local = param.to_local()
+                coord, shard_index = param.device_mesh.get_coordinate() or [], 0
+                for dim, placement in enumerate(param.placements):
+                    if placement.is_shard():
+                        shard_index = shard_index * param.device_mesh.size(dim) + coord[dim]
+                shard_salt = 1_000_003 * shard_index
+            local = getattr(local, "lowbit_plain_data", local)
             if not state:  # the salt (stochastic-rounding stream) is the parameter's position, saved with its state
                 if positions is None:
                     positions = {id(other): i for i, (_, other) in enumerate(self._params_with_groups())}
-                state.update(self.init_state(group, param, positions[id(param)]))
+                state.update(self.init_state(group, local, positions[id(param)]))
+            salt = state["salt"] + shard_salt if shard_salt else state["salt"]
             key = (id(group), param.device)
             if key not in hypers:
                 hypers[key] = self._hyper(group, param.device)
             if scale is None:
                 scale = ones.setdefault(param.device, torch.ones((), device=param.device))
+            if fused is not None and group.get("fused") is not False and fused.add(
+                    self._spec(group, param), local.detach(), codes, scale, state, hypers[key], salt):
+                continue
             use_compile = self.use_compile if self.use_compile is not None else param.device.type == "cuda"
             update = compiled_update(self._spec(group, param), param.device, use_compile)
             moment2 = state.get("exp_avg_sq", {})
             moment1 = state.get("exp_avg", state.get("momentum_buffer", {}))
-            update(param.detach(), codes, scale, moment1, moment2, state["master"], state["step"], state["salt"],
+            update(local.detach(), codes, scale, moment1, moment2, state["master"], state["step"], salt,
                    hypers[key], ok.to(param.device))
+        if fused is not None:
+            fused.launch(ok)
         return loss
 
     # ------------------------------------------------------------------------------------------------ checkpoints

@@ -14,9 +14,10 @@ codec              parts                          why                           
                                                   puts each block's max near fp16's max, so tiny v never
                                                   become fp16 subnormals/zeros
 ``e4m3``           codes e4m3, scale per block    FP8 first moment (FP8-LM / COAT)                         1.03
-``e4m3_expand``    codes e4m3, scale, k per block COAT's dynamic range expansion: ``f(x)=sign(x)|x|^k``    1.06
+``e4m3_expand``    codes e4m3, max, k per block   COAT's dynamic range expansion: ``f(x)=sign(x)(|x|/max)^k``  1.06
                                                   with k chosen so the block's max/min ratio fills E4M3's
-                                                  normal range; inverted with ``|y|^(1/k)`` on decode
+                                                  normal range; codes = 448·f(x); inverted with
+                                                  ``max·|y/448|^(1/k)`` (the part named "scale" holds max)
 =================  =============================  =======================================================  ==========
 
 A plain-E4M3 second moment is deliberately absent: its 2^17 range flushes most of a block's small v to zero, and a zero
@@ -39,7 +40,12 @@ __all__ = ["CODECS", "StateCodec", "get_codec"]
 # COAT expands into E4M3's *normal* range [2^-6, 448]: every code then keeps its 3 mantissa bits (mapping the block's
 # minimum to the subnormal 2^-9 would leave it with none).
 _E4M3_LOG_RANGE = math.log(E4M3.max / E4M3.min_normal)
-_K_MAX = 8.0  # a block whose values are (nearly) equal has log-range ~0; cap k so |x|^k stays finite in fp32
+_K_MAX = 8.0  # a block whose values are (nearly) equal has log-range ~0; cap k (a larger k buys nothing there)
+
+
+def _expand_code_scale(device: torch.device) -> torch.Tensor:
+    """Expanded values lie in [-1, 1] (normalised by the block max first): one constant scale maps 1 to E4M3's max."""
+    return torch.full((1, 1), E4M3.max, device=device)
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,10 @@ class StateCodec:
         """FP32 ``(blocks, block_size)`` values."""
         if self.name in ("fp32", "bf16"):
             return parts["value"].float()
-        hp = dequantize(parts["codes"], parts["scale"], torch.float32)
-        if self.name == "e4m3_expand":
-            hp = torch.sign(hp) * hp.abs().pow(parts["k"].reciprocal())
-        return hp
+        if self.name == "e4m3_expand":  # codes hold sign·(|x|/max)^k · 448; "scale" holds the block's max
+            hp = dequantize(parts["codes"], _expand_code_scale(parts["codes"].device), torch.float32)
+            return torch.sign(hp) * hp.abs().pow(parts["k"].reciprocal()) * parts["scale"]
+        return dequantize(parts["codes"], parts["scale"], torch.float32)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """New parts for FP32 ``x`` (the caller decides whether to commit them)."""
@@ -93,9 +99,13 @@ class StateCodec:
         log_range = torch.log(block_max / nonzero_min)  # inf/NaN for all-zero blocks, 0 for constant blocks
         k = (_E4M3_LOG_RANGE / log_range).clamp(max=_K_MAX)
         k = torch.where(torch.isfinite(k) & (k > 0), k, torch.ones_like(k))
-        expanded = torch.sign(x) * magnitude.pow(k)
-        scale = compute_scale(block_max.pow(k), E4M3)
-        return {"codes": quantize(expanded, scale, E4M3), "scale": scale, "k": k}
+        # Normalise by the block max *before* the power: |x|^k of a small v (1e-6^8 = 1e-48) underflows fp32 to 0 and a
+        # whole block of v decoded to zero, which made Adam step by m/eps (measured: O3 loss jumps, docs/optimizer.md).
+        # (|x|/max)^k lies in [2^-6/448, 1] by construction of k, so it never underflows.
+        denom = torch.where(block_max > 0, block_max, torch.ones_like(block_max))
+        expanded = torch.sign(x) * (magnitude / denom).pow(k)
+        codes = quantize(expanded, _expand_code_scale(x.device), E4M3)
+        return {"codes": codes, "scale": denom, "k": k}
 
     def bytes_per_element(self, block_size: int) -> float:
         """Storage per state element, scales included (what ``tools/measure_memory.py`` measures)."""

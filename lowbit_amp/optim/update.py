@@ -11,10 +11,18 @@ between steps — step counter, learning rate, betas, the finite flag — is a t
 
 The math mirrors ``torch.optim.AdamW``/``Adam``/``SGD`` (same operation order), which is what lets the FP32-state
 configuration track them to ~1e-6 (tests/optim/test_lowbit_adamw.py).
+
+On CUDA, Adam/AdamW parameters run instead through :class:`FusedAdamStep` — a hand-written Triton kernel
+(lowbit_amp/kernels/adam_triton.py) launched once per group of like parameters — for which the functions above are
+the numerical reference (tests/optim/test_fused_step.py). What it does not serve (SGD, ``master_weights='fp16'``,
+tensor subclasses, CPU tensors, ``compile=False``, a param group with ``fused=False``) stays here, and
+:func:`fused_unavailable` names the reason.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +33,8 @@ from lowbit_amp.optim.master import MasterWeights
 from lowbit_amp.optim.state_codec import StateCodec
 from lowbit_amp.quant.cast import dequantize
 
-__all__ = ["UpdateSpec", "adam_update", "compiled_update", "sgd_update"]
+__all__ = ["FusedAdamStep", "UpdateSpec", "adam_update", "all_finite", "compiled_update", "fused_step_for",
+           "fused_unavailable", "sgd_update"]
 
 Parts = dict[str, torch.Tensor]
 
@@ -135,3 +144,270 @@ def compiled_update(spec: UpdateSpec, device: torch.device, use_compile: bool) -
         compiled = torch.compile(rule, dynamic=True)
         fn = _COMPILED[spec] = lambda *args: compiled(spec, *args)
     return fn
+
+
+def all_finite(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-d bool on ``device``: every FP8 gradient scale (float items) is finite and every flag (bool items) is set.
+
+    One stacked ``isfinite`` for all scales instead of one per parameter: ``torch.isfinite`` of a float tensor is
+    four kernels, and per parameter those launches were most of the host time of a fused step."""
+    scales = [x.reshape(()).to(device, torch.float32) for x in items if x.dtype != torch.bool]
+    flags = [x.reshape(()).to(device) for x in items if x.dtype == torch.bool]
+    parts = []
+    if scales:
+        parts.append(torch.isfinite(torch.stack(scales)).all())
+    if flags:
+        parts.append(torch.stack(flags).all())
+    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+# ==================================================================================================== fused (Triton)
+# The compiled per-parameter update above is the numerical reference; on CUDA the Adam/AdamW step of every parameter
+# whose formats the Triton kernel implements runs instead as one multi-tensor launch per group of parameters that
+# share the kernel's static kinds (lowbit_amp/kernels/adam_triton.py). Parameters it does not serve are listed, with
+# the reason, by :func:`fused_unavailable` and keep the compiled path — a documented rule, never a silent switch.
+
+_FUSED_M = {"fp32": 0, "bf16": 1, "e4m3": 2}
+_FUSED_V = {"fp32": 0, "fp16": 1, "e4m3_expand": 2}
+_FUSED_PARAM = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_FUSED_GRAD = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1, torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
+
+#: Blocks of ``block_size`` elements handled by one program, and its warps (measured on H200: docs/optimizer.md).
+#: One warp per program, one block of 128 per pass (4 elements per thread): the per-block amax/min reductions stay
+#: inside the warp (shuffles, no shared memory or barrier) and per-block scalars are computed once per 4 elements;
+#: ~60 registers (ptxas -v, sm_90a). Chosen from the sweep in docs/optimizer.md.
+FUSED_BLOCKS_PER_PROGRAM = 1
+FUSED_NUM_WARPS = 1
+#: COAT's per-element ``|x|^k`` (and the block's log-range) with libdevice's ``powf``/``logf`` when True; False
+#: (default) uses the hardware ``ex2``/``lg2`` approximations (relative error ~1e-6): libdevice's accurate pow costs
+#: ~100 instructions per call, two calls per element, which made the kernel instruction-bound (docs/optimizer.md).
+FUSED_EXACT_POW = False
+#: Bias corrections from the reference's own torch ops (a few launches per group) instead of the prologue's libdevice
+#: ``powf``, whose flush-to-zero variant can differ from ATen's by an ulp — amplified by ``1 - beta2^t`` cancellation.
+FUSED_TORCH_BIAS_CORRECTION = False
+#: Test hook: serve CPU parameters too, through Triton's interpreter (needs TRITON_INTERPRET=1 before Triton loads).
+FUSED_ON_CPU_INTERPRETER = False
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_unavailable(spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.Tensor) -> str | None:
+    """``None`` when the fused Triton kernel serves this parameter's update, else why the compiled path runs it."""
+    if spec.rule != "adam":
+        return f"rule {spec.rule!r}: the fused kernel implements Adam/AdamW only"
+    on_cpu_interpreter = FUSED_ON_CPU_INTERPRETER and param.device.type == "cpu" and _interpreting()
+    if param.device.type != "cuda" and not on_cpu_interpreter:
+        return f"parameter on {param.device.type}: the fused kernel is CUDA-only (CPU runs the eager reference)"
+    if spec.master.mode == "fp16":
+        return ("master_weights='fp16' takes one power-of-2 scale from the amax of the whole *updated* tensor, which "
+                "needs a grid-wide reduction before any weight is written; a one-pass kernel cannot do that")
+    assert spec.exp_avg is not None and spec.exp_avg_sq is not None
+    if spec.exp_avg.name not in _FUSED_M or spec.exp_avg_sq.name not in _FUSED_V:
+        return f"formats m={spec.exp_avg.name}, v={spec.exp_avg_sq.name} are not implemented by the fused kernel"
+    if param.dtype not in _FUSED_PARAM:
+        return f"parameter dtype {param.dtype} (the fused kernel writes bf16/fp16/fp32)"
+    if grad_codes.dtype not in _FUSED_GRAD:
+        return f"gradient dtype {grad_codes.dtype}"
+    if param.numel() >= 2**31 - 2**16:
+        return "2^31 elements or more: the kernel indexes with int32"
+    if type(param) is not torch.Tensor or type(grad_codes) is not torch.Tensor:
+        return "tensor subclass (e.g. DTensor): the kernel reads raw storage, the compiled path handles subclasses"
+    if not grad_codes.is_contiguous() or grad_codes.numel() != param.numel():
+        return "non-contiguous gradient"
+    if torch.compiler.is_compiling():
+        return "under torch.compile: the traced reference ops are compiled instead of an opaque raw-pointer kernel"
+    if not _triton_importable():
+        return "triton is not importable"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _element_columns() -> tuple[int, ...]:
+    from lowbit_amp.kernels import adam_triton as K  # noqa: N812
+
+    return tuple(int(c) for c in (K.COL_PARAM, K.COL_GRAD, K.COL_M, K.COL_V, K.COL_MASTER))
+
+
+_ELEMENT_COLUMNS = (0, 1, 3, 5, 8)  # == _element_columns(), checked by tests/optim/test_fused_step.py
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class FusedAdamStep:
+    """One optimizer's fused step: collects the served parameters of a ``step()``, then launches the kernel once per
+    group of parameters sharing static kinds (formats, dtypes, flags).
+
+    Per launch the kernel reads a table with one int64 row of data pointers per parameter (param, gradient codes and
+    scale, m/v parts, master, step counter, hyper vector, salt; numel; blocks) and a chunk table mapping each program to
+    (parameter, first block). The chunk table and the static part of each row are built once and cached (rows are
+    re-validated by tensor identity, so a ``load_state_dict`` that replaces state tensors rebuilds them); the gradient
+    and hyper pointers change between steps, so the device copy of the table is refreshed only when some pointer
+    changed — with the caching allocator's stable addresses (and always under CUDA-graph capture, where the buffers are
+    static) it is reused. Nothing reads device values on the host: the finite flag, step counters, learning rate and
+    the other hyper-parameters are loaded on the device. Per group there are two launches: a prologue (one program per
+    parameter: bias corrections, step size, gradient reciprocal scale, SR seed, then ``step += ok``) and the main
+    kernel (one program per ``FUSED_BLOCKS_PER_PROGRAM`` blocks).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[tuple[torch.Tensor, ...], list[int]]] = {}
+        self._tables: dict[tuple, tuple[list[int], torch.Tensor]] = {}
+        self._chunks: dict[tuple, torch.Tensor] = {}
+        self._pending: dict[tuple, list[tuple[list[int], tuple[torch.Tensor, ...]]]] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}  # per group: the prologue's per-parameter scalars
+        self._bases: dict[torch.device, torch.Tensor] = {}
+        self._step_of: dict[int, torch.Tensor] = {}
+        self.fallbacks: dict[str, int] = {}  # reason -> parameters served by the compiled path (last step)
+
+    def begin(self) -> None:
+        self._pending = {}
+        self._step_of = {}
+        self.fallbacks = {}
+
+    def add(self, spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.Tensor, grad_scale: torch.Tensor,
+            state: dict, hyper: torch.Tensor, salt: torch.Tensor) -> bool:
+        """Queue ``param`` (a plain tensor: the parameter, or its local shard) for the fused launch; False (reason
+        counted in ``fallbacks``) if the kernel cannot serve it. Every tensor whose pointer goes into the table is held
+        until :meth:`launch` has enqueued the kernel (a temporary freed earlier could be reused by the allocator)."""
+        reason = fused_unavailable(spec, param, grad_codes)
+        if reason is None:
+            row = self._static_row(spec, param, state)
+            if row is None:
+                reason = "state tensors are not contiguous (e.g. after loading a foreign checkpoint layout)"
+        if reason is not None:
+            self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+            return False
+        assert row is not None
+        full = list(row[0])
+        full[1], full[2], full[10], full[11] = (grad_codes.data_ptr(), grad_scale.data_ptr(), hyper.data_ptr(),
+                                                salt.data_ptr())
+        sizes = (row[1][0], grad_codes.element_size(), *row[1][1:])
+        key = (spec, grad_codes.dtype, param.device)
+        self._pending.setdefault(key, []).append((full, sizes, (param, grad_codes, grad_scale, hyper, salt)))
+        self._step_of[id(param)] = state["step"]
+        return True
+
+    def _static_row(self, spec: UpdateSpec, param: torch.Tensor, state: dict
+                    ) -> tuple[list[int], tuple[int, ...]] | None:
+        """(absolute addresses / sizes by table column, element sizes of param, m, v, master), cached per state."""
+        from lowbit_amp.kernels import adam_triton as K  # noqa: N812
+
+        m, v, master = state["exp_avg"], state["exp_avg_sq"], state["master"]
+        tensors = (param, *m.values(), *v.values(), *master.values(), state["step"])
+        cached = self._rows.get(id(state))  # the state dict outlives per-step views (e.g. a DTensor's local shard)
+        if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
+            return cached[1]
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        dummy = param.data_ptr()
+        row = [dummy] * int(K.NCOL)
+        row[int(K.COL_PARAM)] = param.data_ptr()
+        row[int(K.COL_M)] = (m["value"] if "value" in m else m["codes"]).data_ptr()
+        row[int(K.COL_M_SCALE)] = m["scale"].data_ptr() if "scale" in m else dummy
+        row[int(K.COL_V)] = (v["value"] if "value" in v else v["codes"]).data_ptr()
+        row[int(K.COL_V_SCALE)] = v["scale"].data_ptr() if "scale" in v else dummy
+        row[int(K.COL_V_K)] = v["k"].data_ptr() if "k" in v else dummy
+        row[int(K.COL_MASTER)] = master["value"].data_ptr() if "value" in master else dummy
+        row[int(K.COL_STEP)] = state["step"].data_ptr()
+        row[int(K.COL_NUMEL)] = param.numel()
+        row[int(K.COL_BLOCKS)] = -(-param.numel() // spec.block_size)
+        big = [(x["value"] if "value" in x else x["codes"]) for x in (m, v)]
+        sizes = (param.element_size(), big[0].element_size(), big[1].element_size(),
+                 master["value"].element_size() if "value" in master else param.element_size())
+        self._rows[id(state)] = (tensors, (row, sizes))
+        return row, sizes
+
+    def launch(self, ok: torch.Tensor) -> None:
+        """Run the queued updates (prologue + main kernel per group); step counters advance where ``ok``."""
+        if not self._pending:
+            return
+        from lowbit_amp.kernels import adam_triton as K  # noqa: N812
+
+        ok_u8 = ok.reshape(()).view(torch.uint8)
+        for key, items in self._pending.items():
+            spec, grad_dtype, device = key
+            bpp = FUSED_BLOCKS_PER_PROGRAM
+            base = self._bases.get(device)
+            if base is None:  # any 16-byte-aligned allocation: element arrays are addressed relative to it
+                base = self._bases[device] = torch.zeros(64, dtype=torch.uint8, device=device)
+            rows = [r for r, _, _ in items]
+            aligned = all(r[c] % 16 == 0 for r in rows for c in _ELEMENT_COLUMNS)
+            numel16 = all(r[int(K.COL_NUMEL)] % 16 == 0 for r in rows)
+            flat = []
+            for r, sizes, _ in items:
+                r = list(r)
+                for c, size in zip(_ELEMENT_COLUMNS, sizes):
+                    r[c] = (r[c] - base.data_ptr()) // size  # exact: storages are aligned to their element size
+                flat.extend(r)
+            cached = self._tables.get(key)  # one table per group, re-sent only when a pointer changed
+            if cached is not None and cached[0] == flat:
+                table = cached[1]
+            else:
+                host = torch.tensor(flat, dtype=torch.int64)
+                if device.type == "cuda":  # a pageable copy blocks the host (~0.2 ms each, measured under gVisor)
+                    host = host.pin_memory()  # the caching host allocator keeps it until the async copy is done
+                table = host.to(device, non_blocking=True)
+                self._tables[key] = (flat, table)
+            chunk_key = (key, tuple(r[int(K.COL_BLOCKS)] for r in rows), bpp)
+            chunks = self._chunks.get(chunk_key)
+            if chunks is None:
+                blocks = torch.tensor([r[int(K.COL_BLOCKS)] for r in rows], dtype=torch.int64)
+                per_param = (blocks + bpp - 1) // bpp
+                owner = torch.repeat_interleave(torch.arange(len(rows)), per_param)
+                starts = torch.cumsum(per_param, 0) - per_param
+                first = (torch.arange(int(per_param.sum())) - starts[owner]) * bpp
+                chunks = torch.stack([owner, first], 1).to(torch.int32).contiguous().to(device)
+                self._chunks[chunk_key] = chunks
+            assert spec.exp_avg is not None and spec.exp_avg_sq is not None
+            master = {"none": K.MASTER_PARAM_RN, "fp32": K.MASTER_FP32}.get(spec.master.mode)
+            if master is None:  # bf16_sr
+                master = K.MASTER_PARAM_SR if spec.param_dtype == torch.bfloat16 else K.MASTER_BF16_SR
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.shape[0] < len(rows):
+                scratch = self._scratch[key] = torch.empty((len(rows), int(K.SCRATCH_COLS)), device=device)
+            interpreting = _interpreting()
+            bc = scratch  # unused unless FUSED_TORCH_BIAS_CORRECTION
+            if FUSED_TORCH_BIAS_CORRECTION:
+                held = [h for _, _, h in items]
+                hyp = torch.stack([h[3] for h in held])
+                new_step = torch.stack([self._step_of[id(h[0])] for h in held]) + 1
+                bc = torch.stack([hyp[:, 0] / (1 - torch.pow(hyp[:, 1], new_step)),
+                                  torch.sqrt(1 - torch.pow(hyp[:, 2], new_step))], 1).contiguous()
+            K.fused_adam_prologue[(len(rows),)](table, scratch, ok_u8, bc, USE_LIBDEVICE=not interpreting,
+                                                GIVEN_BC=FUSED_TORCH_BIAS_CORRECTION)
+            K.fused_adam_kernel[(chunks.shape[0],)](
+                table, scratch, chunks, ok_u8, base, base.view(torch.int16), base.view(torch.float16),
+                base.view(torch.float32), base.view(torch.float8_e4m3fn), base.view(torch.float8_e5m2),
+                BLOCK_SIZE=spec.block_size, BLOCK=_next_pow2(spec.block_size), BPP=bpp,
+                GRAD_KIND=_FUSED_GRAD[grad_dtype], PARAM_KIND=_FUSED_PARAM[spec.param_dtype],
+                M_KIND=_FUSED_M[spec.exp_avg.name], V_KIND=_FUSED_V[spec.exp_avg_sq.name], MASTER_KIND=master,
+                DECOUPLED=spec.decoupled, MAXIMIZE=spec.maximize, USE_LIBDEVICE=not interpreting,
+                EXACT_POW=FUSED_EXACT_POW, ALIGNED=aligned, NUMEL16=numel16,
+                num_warps=FUSED_NUM_WARPS, enable_fp_fusion=False,
+            )
+        self._pending = {}
+
+
+_FUSED_STEPS: "weakref.WeakKeyDictionary[object, FusedAdamStep]" = weakref.WeakKeyDictionary()
+
+
+def fused_step_for(optimizer: object) -> FusedAdamStep:
+    """The persistent :class:`FusedAdamStep` (pointer-table caches) of ``optimizer``, reset for a new step."""
+    fused = _FUSED_STEPS.get(optimizer)
+    if fused is None:
+        fused = _FUSED_STEPS[optimizer] = FusedAdamStep()
+    fused.begin()
+    return fused
+
