@@ -170,6 +170,11 @@ def all_finite(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 _FUSED_M = {"fp32": 0, "bf16": 1, "e4m3": 2}
 _FUSED_V = {"fp32": 0, "fp16": 1, "e4m3_expand": 2}
 _FUSED_PARAM = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# Verified on an H200 (2026-12-01, tests/optim/test_fused_step.py): bf16 parameters, bf16_sr/none masters, AdamW, every
+# m/v format and gradient kind — codes bit-identical, weights within 1 bf16 ulp of the reference. fp16/fp32 parameters,
+# the fp32 master, Adam-L2 and maximize ran but differed from the reference by up to ~5e-4 (absolute, lr 1e-2) — a
+# cause not yet found — so they take the compiled path unless this is set (the tests set it to keep measuring them).
+FUSED_ALLOW_UNVERIFIED = False
 _FUSED_GRAD = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1, torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
 
 #: Blocks of ``block_size`` elements handled by one program, and its warps (measured on H200: docs/optimizer.md).
@@ -205,6 +210,12 @@ def fused_unavailable(spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.T
     if spec.master.mode == "fp16":
         return ("master_weights='fp16' takes one power-of-2 scale from the amax of the whole *updated* tensor, which "
                 "needs a grid-wide reduction before any weight is written; a one-pass kernel cannot do that")
+    unverified = (param.dtype != torch.bfloat16 or spec.master.mode not in ("bf16_sr", "none") or not spec.decoupled
+                  or spec.maximize)
+    if unverified and not FUSED_ALLOW_UNVERIFIED:
+        return ("mode not verified on the GPU: the kernel serves bf16 parameters with master_weights bf16_sr/none, "
+                "AdamW (decoupled decay), maximize=False; the others disagreed with the reference beyond the test "
+                "bounds (H200, 2026-12-01) and take the compiled path")
     assert spec.exp_avg is not None and spec.exp_avg_sq is not None
     if spec.exp_avg.name not in _FUSED_M or spec.exp_avg_sq.name not in _FUSED_V:
         return f"formats m={spec.exp_avg.name}, v={spec.exp_avg_sq.name} are not implemented by the fused kernel"

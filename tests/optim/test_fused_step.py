@@ -133,6 +133,9 @@ def check(out: dict, *, gpu_device: bool, expand: bool) -> None:
 
 
 COMBOS = [(m, v) for m in M_FORMATS for v in V_FORMATS]
+_UNVERIFIED = pytest.mark.xfail(strict=True, reason=(
+    "fused kernel differs from the reference beyond the bounds in this mode (H200, 2026-12-01); dispatch keeps it on "
+    "the compiled path (optim/update.py FUSED_ALLOW_UNVERIFIED)"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -144,24 +147,37 @@ def test_gpu_every_moment_format_bf16_sr(m: str, v: str) -> None:
 
 
 @gpu
-@pytest.mark.parametrize("master,dtype", [("none", torch.bfloat16), ("fp32", torch.bfloat16),
-                                          ("bf16_sr", torch.float32), ("none", torch.float16), ("fp32", torch.float32)])
-def test_gpu_master_modes_and_dtypes(master: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("master,dtype", [
+    ("none", torch.bfloat16),
+    pytest.param("fp32", torch.bfloat16, marks=_UNVERIFIED), pytest.param("bf16_sr", torch.float32, marks=_UNVERIFIED),
+    pytest.param("none", torch.float16, marks=_UNVERIFIED), pytest.param("fp32", torch.float32, marks=_UNVERIFIED)])
+def test_gpu_master_modes_and_dtypes(master: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit_amp.optim.update as U
+
+    monkeypatch.setattr(U, "FUSED_ALLOW_UNVERIFIED", True)  # measure the kernel itself, not the dispatch
     out = run_pair("cuda", {"exp_avg": "e4m3", "exp_avg_sq": "e4m3_expand", "master_weights": master}, dtype=dtype)
     check(out, gpu_device=True, expand=True)
 
 
 @gpu
-@pytest.mark.parametrize("grad,dtype", [("e5m2", torch.bfloat16), ("plain", torch.bfloat16), ("plain", torch.float32),
-                                        ("plain", torch.float16)])
-def test_gpu_gradient_kinds(grad: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("grad,dtype", [("e5m2", torch.bfloat16), ("plain", torch.bfloat16),
+                                        pytest.param("plain", torch.float32, marks=_UNVERIFIED),
+                                        pytest.param("plain", torch.float16, marks=_UNVERIFIED)])
+def test_gpu_gradient_kinds(grad: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit_amp.optim.update as U
+
+    monkeypatch.setattr(U, "FUSED_ALLOW_UNVERIFIED", True)
     out = run_pair("cuda", {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}, grad=grad,
                    dtype=dtype)
     check(out, gpu_device=True, expand=False)
 
 
 @gpu
-def test_gpu_adam_l2_maximize_block96_and_skip_step() -> None:
+@_UNVERIFIED
+def test_gpu_adam_l2_maximize_block96_and_skip_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit_amp.optim.update as U
+
+    monkeypatch.setattr(U, "FUSED_ALLOW_UNVERIFIED", True)
     storage = {"exp_avg": "e4m3", "exp_avg_sq": "e4m3_expand", "master_weights": "bf16_sr", "block_size": 96}
     out = run_pair("cuda", storage, cls=LowBitAdam, nan_step=1, steps=4, extra={"maximize": True})
     check(out, gpu_device=True, expand=True)
@@ -310,4 +326,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "gpu-report":
         gpu_report()
     else:
+        import lowbit_amp.optim.update as _U
+
+        _U.FUSED_ALLOW_UNVERIFIED = True  # the interpreter checks the kernel's logic in every mode (all agree there)
         _main(json.loads(sys.argv[1]))
