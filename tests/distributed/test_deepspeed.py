@@ -37,8 +37,9 @@ from tests.distributed._models import batch, make_model
 
 STEPS, WORLD, CLIP = 5, 2, 1.0
 TOL_O1, TOL_FP8_REDUCE, TOL_LOWBIT = 5e-4, 4e-3, 4e-3
-# B per optimizer-held element at O3: e4m3 m + e4m3_expand v (+ block scales) + bf16 master copy; fp32 AdamW holds 8
-O3_BYTES_MAX = 4.5
+# B per optimizer-held element at O3: e4m3 m (1.03) + fp16 v (2.03) + bf16 master copy (2) = 5.06 (+ counters);
+# fp32 AdamW holds 8
+O3_BYTES_MAX = 5.5
 
 requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                         reason="deepspeed is not installed (pip install deepspeed)")
