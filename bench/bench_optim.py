@@ -30,11 +30,12 @@ from lowbit_amp.config import LinearConfig
 from lowbit_amp.grads import to_fp8_weight_grad
 from lowbit_amp.optim import LowBitAdamW
 
-O3 = {"exp_avg": "e4m3", "exp_avg_sq": "e4m3_expand", "master_weights": "bf16_sr"}
+O3 = {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}  # configs/O3.yaml's optimizer
+O3_EXPAND = {**O3, "exp_avg_sq": "e4m3_expand"}  # the 8-bit second moment (opt-in)
 RECIPES: list[tuple[str, dict | None]] = [
     ("torch AdamW fused (bf16 states)", None),
-    ("O3 fused: e4m3 m, e4m3_expand v, bf16_sr", O3),
-    ("fused: e4m3 m, fp16 v, bf16_sr", {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}),
+    ("O3 fused: e4m3 m, fp16 v, bf16_sr", O3),
+    ("fused: e4m3 m, e4m3_expand v, bf16_sr", O3_EXPAND),
     ("O3 compiled (fused=False)", {**O3, "fused": False}),
 ]
 MORE = [  # --all: slow to warm up (torch.compile), and unchanged by the fused kernel
@@ -57,16 +58,22 @@ def set_grads(params: list[nn.Parameter], fp8: bool) -> None:
         p.grad = to_fp8_weight_grad(g, p, LinearConfig(weight_grad="e4m3")) if fp8 else g.to(p.dtype)
 
 
-def time_steps(opt: torch.optim.Optimizer, iters: int) -> list[float]:
-    times = []
+def time_steps(opt: torch.optim.Optimizer, iters: int, pipelined: bool = False) -> list[float]:
+    """Per-step CUDA-event times. Synchronised (default): the host is idle-waited before each step, so a step's time
+    includes the host work before its first kernel starts (what a step costs when nothing else is queued).
+    Pipelined: steps are enqueued back to back and synchronised once (triton.testing.do_bench's protocol), so host
+    work overlaps the previous step's kernels and a step's time is the GPU time when that exceeds the host time."""
+    events = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         opt.step()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+        events.append((start, end))
+        if not pipelined:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def bench(name: str, storage: dict | None, args: argparse.Namespace, device: torch.device,
@@ -91,7 +98,9 @@ def bench(name: str, storage: dict | None, args: argparse.Namespace, device: tor
     base = torch.cuda.memory_allocated()
     times = time_steps(opt, args.iters)
     peak = torch.cuda.max_memory_allocated() - base
+    pipelined = time_steps(opt, args.iters, pipelined=True)
     row = {"recipe": name, "params": n, "step_ms_median": statistics.median(times), "step_ms_min": min(times),
+           "pipelined_step_ms_median": statistics.median(pipelined),
            "state_bytes_per_param": state_bytes / n, "peak_step_bytes_per_param": peak / n}
     if storage is not None:
         row["measured_state_storage_bytes_per_param"] = opt.state_bytes() / n  # type: ignore[attr-defined]
@@ -118,23 +127,57 @@ def parity(storage: dict, device: torch.device) -> tuple[float, float]:
     return (results[0].float() - results[1].float()).abs().max().item(), same
 
 
+def anchor_protocol(device: torch.device) -> list[dict]:
+    """shared/anchors/anchor_gpu.py's protocol exactly: ONE 65536x4096 bf16 parameter (256M), ``triton.testing.do_bench``
+    (warmup 50, rep 200, median) of ``opt.step`` — the numbers shared/ANCHORS.md lists for the peers."""
+    from triton.testing import do_bench
+
+    rows = []
+    for name, storage in [("torch AdamW fused", None), ("O3 fused", O3), ("e4m3_expand v fused", O3_EXPAND)]:
+        torch.cuda.empty_cache()
+        gen = torch.Generator(device=device).manual_seed(0)
+        p = nn.Parameter(torch.randn(65536, 4096, device=device, generator=gen).to(torch.bfloat16))
+        set_grads([p], fp8=storage is not None)
+        opt = torch.optim.AdamW([p], lr=1e-4, fused=True) if storage is None else LowBitAdamW([p], lr=1e-4, **storage)
+        base = torch.cuda.memory_allocated()
+        opt.step()
+        torch.cuda.synchronize()
+        state = (torch.cuda.memory_allocated() - base) / p.numel()
+        rows.append({"recipe": f"anchor protocol: {name}", "step_ms": do_bench(opt.step, warmup=50, rep=200,
+                                                                              return_mode="median"),
+                     "state_bytes_per_param": state})
+        rows[-1]["vs_torch_fused"] = rows[-1]["step_ms"] / rows[0]["step_ms"]
+        print(f"| {rows[-1]['recipe']} | {rows[-1]['step_ms']:.3f} | {rows[-1]['vs_torch_fused']:.2f}x | "
+              f"{state:.2f} |", flush=True)
+        del opt, p
+    return rows
+
+
 def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """O3 fused step time over blocks-per-program x warps, and with the approximate pow."""
     import lowbit_amp.optim.update as U
 
     rows = []
     defaults = (U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION)
-    for config in [(1, 1, False, False), (2, 1, False, False), (4, 1, False, False), (8, 1, False, False),
-                   (1, 2, False, False), (2, 2, False, False), (2, 1, True, False), (2, 1, False, True)]:
+    for config in [(1, 1, False, False), (8, 2, False, False), (8, 4, False, False), (16, 4, False, False),
+                   (32, 8, False, False), (8, 4, True, False), (8, 4, False, True)]:
         U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION = config
         bpp, warps, exact, torch_bc = config
-        row = bench(f"O3 fused bpp={bpp} warps={warps} exact_pow={exact} torch_bc={torch_bc}", O3, args, device,
+        storage = O3_EXPAND if exact else O3  # the exact pow only changes the e4m3_expand codec
+        row = bench(f"{'e4m3_expand' if exact else 'O3'} fused bpp={bpp} warps={warps} exact_pow={exact} "
+                    f"torch_bc={torch_bc}", storage, args, device,
                     with_parity=exact or torch_bc)
         rows.append(row)
         print(f"  {row['recipe']}: {row['step_ms_median']:.3f} ms", flush=True)
     U.FUSED_BLOCKS_PER_PROGRAM, U.FUSED_NUM_WARPS, U.FUSED_EXACT_POW, U.FUSED_TORCH_BIAS_CORRECTION = defaults
+    for name, storage in [("O3", O3), ("e4m3_expand", O3_EXPAND)]:  # what the approximate div/sqrt buys
+        U.FUSED_FAST_MATH = False
+        rows.append(bench(f"{name} fused, IEEE div/sqrt", storage, args, device))
+        U.FUSED_FAST_MATH = True
+        print(f"  {rows[-1]['recipe']}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
     many = argparse.Namespace(**{**vars(args), "rows": 1024})  # 256 parameters of 1M: per-parameter overheads
-    for name, storage in [("torch AdamW fused, 1024x1024 params", None), ("O3 fused, 1024x1024 params", O3)]:
+    for name, storage in [("torch AdamW fused, 1024x1024 params", None), ("O3 fused, 1024x1024 params", O3),
+                          ("e4m3_expand v fused, 1024x1024 params", O3_EXPAND)]:
         rows.append(bench(name, storage, many, device, with_parity=False))
         print(f"  {name}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
     profile_step(O3, args, device)
@@ -174,19 +217,24 @@ def main() -> None:
         rows.append(bench(name, storage, args, device))
         print(f"  {name}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
     reference = rows[0]["step_ms_median"]
+    print("| anchor protocol | step ms (do_bench median) | vs torch fused | state B/param |")
+    anchor_rows = anchor_protocol(device)
     if args.sweep:
         write_json(args, rows)
         rows += sweep(args, device)
-    print("| recipe | step ms (median) | vs torch fused | state B/param | step temporaries B/param | parity max|dw| "
-          "| bit-identical |")
-    print("|---|---|---|---|---|---|---|")
+    reference_pipelined = rows[0]["pipelined_step_ms_median"]
+    print("| recipe | step ms (median) | vs torch fused | pipelined ms | vs torch fused | state B/param "
+          "| step temporaries B/param | parity max|dw| | bit-identical |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["vs_torch_fused"] = r["step_ms_median"] / reference
+        r["pipelined_vs_torch_fused"] = r["pipelined_step_ms_median"] / reference_pipelined
         print(f"| {r['recipe']} | {r['step_ms_median']:.3f} | {r['vs_torch_fused']:.2f}x | "
+              f"{r['pipelined_step_ms_median']:.3f} | {r['pipelined_vs_torch_fused']:.2f}x | "
               f"{r['state_bytes_per_param']:.2f} | {r['peak_step_bytes_per_param']:.2f} | "
               f"{r.get('parity_max_abs_diff_vs_eager', float('nan')):.2e} | "
               f"{r.get('parity_bit_identical_vs_eager', float('nan')):.6f} |")
-    write_json(args, rows)
+    write_json(args, rows + anchor_rows)
 
 
 def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -201,6 +249,7 @@ def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_optim.json"), "w") as handle:
         json.dump(meta, handle, indent=1)
+
 
 if __name__ == "__main__":
     main()

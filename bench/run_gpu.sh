@@ -3,7 +3,7 @@
 #   bash bench/run_gpu.sh checks   # GPU tests (kernel bit-identity, custom ops under compile, fused optimizer step),
 #                                  # blockwise recipe table, the 6x512 SwiGLU parity run (O0..O3, int8), COAT memory
 #   bash bench/run_gpu.sh int8     # INT8 Triton GEMM tests + benchmark
-#   bash bench/run_gpu.sh optim    # optimizer step benchmark
+#   bash bench/run_gpu.sh optim    # fused optimizer step tests + benchmark with the launch sweep and a profile
 #   bash bench/run_gpu.sh e2e      # bench_all.py e2e_big e2e_small (bf16 / lowbit O1 / torchao; eager and compiled)
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -32,7 +32,10 @@ case "${1:-checks}" in
     python bench/bench_int8.py --out "$OUT" 2>&1 | tail -20
     ;;
   optim)
-    python bench/bench_optim.py --out "$OUT" --iters 10 2>&1 | tail -12
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/optim/test_fused_step.py 2>&1 | tail -8 \
+      | tee "$OUT/fused_step_pytest.txt"
+    python bench/bench_optim.py --out "$OUT" --iters 10 --sweep > "$OUT/optim_full.txt" 2>&1
+    tail -40 "$OUT/optim_full.txt"
     ;;
   e2e)
     # torchao eager (0.47x in shared/ANCHORS.md) and the policy-off 1024-wide variants are left out to fit the budget;

@@ -11,22 +11,24 @@ hyper-parameter vector, gradient scale and salt as addresses; numel; block count
   ``1 - lr*wd``, ``1/grad_scale``, the stochastic-rounding seed) into a small scratch row, then ``step += ok``. Done
   once per parameter instead of in every thread of the main kernel, where two ``powf`` per thread were a large share
   of the instructions.
-* ``fused_adam_kernel`` — one program (one warp) per ``BPP`` blocks of ``BLOCK_SIZE`` elements of one parameter, each
-  block a 1-D tile (4 elements per thread at block 128): decode gradient (E4M3/E5M2 codes × 1/scale, or a plain
+* ``fused_adam_kernel`` — one program per ``BPP`` blocks of ``BLOCK_SIZE`` elements of one parameter, as one
+  ``[BPP, BLOCK]`` tile (one row per block): decode gradient (E4M3/E5M2 codes × 1/scale, or a plain
   tensor), m, v and master to FP32; Adam/AdamW in FP32; the new per-block amax (and, for COAT's expansion, the
-  non-zero minimum) as in-warp reductions of the tile, so re-encoding needs no second pass; encode and store m, v,
+  non-zero minimum) as row reductions of the tile, so re-encoding needs no second pass; encode and store m, v,
   master and parameter — only if the step's finite flag (device scalar) is set: a skipped step writes nothing.
 
 Numerics follow :func:`lowbit_amp.optim.update.adam_update` run eagerly on CUDA op for op: every op that is a separate
 ATen kernel there is a separately rounded op here (launched with ``enable_fp_fusion=False``, so no mul+add is
 contracted), except ``torch.lerp``, whose kernel is one fused multiply-add on either side of 0.5 (``tl.fma``);
-divisions and square roots are the IEEE ones (``div_rn``/``sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are approximate);
+divisions and square roots are the IEEE ones (``div_rn``/``sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are approximate)
+except, by default, the per-element ones of the update (``FAST_MATH``: see ``lowbit_amp.optim.update.FUSED_FAST_MATH``);
 ``python_scalar / tensor`` in the reference is ATen's ``reciprocal(t) * scalar`` and is computed so; the power-of-2
-floor of FP16 scales is taken on the bits. Two places differ by default, both measured (docs/optimizer.md): the bias
+floor of FP16 scales is taken on the bits. Three places differ by default, all measured (docs/optimizer.md): the bias
 corrections use libdevice's ``powf``, which Triton links in its flush-to-zero build and which can differ from ATen's by
 an ulp (the launcher can pass the reference's own torch-op values instead: then bit-identical), and COAT's per-element
 ``|x|^k`` uses the hardware ``ex2``/``lg2`` approximations unless ``EXACT_POW`` (libdevice ``powf`` costs ~100
-instructions per call and made the kernel instruction-bound).
+instructions per call and made the kernel instruction-bound), and the approximate per-element division/square root
+(``FAST_MATH``).
 
 FP8: on GPU the hardware conversions (decode is exact; encode is round-to-nearest-even with saturation, like torch's
 cast of the clamped value). Under Triton's CPU interpreter, whose FP8 casts round wrongly, the same kernel decodes and
@@ -207,6 +209,23 @@ def _fma(x, y, z, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _div(x, y, FAST_MATH: tl.constexpr):
+    """IEEE division (the reference's), or with ``FAST_MATH`` the approximate one (``div.full``, ≤ 2 ulp)."""
+    if FAST_MATH:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def _sqrt(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _log(x, USE_LIBDEVICE: tl.constexpr):
     if USE_LIBDEVICE:
         return libdevice.log(x)
@@ -340,9 +359,15 @@ def fused_adam_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr, BPP: tl.constexpr,
     GRAD_KIND: tl.constexpr, PARAM_KIND: tl.constexpr, M_KIND: tl.constexpr, V_KIND: tl.constexpr,
     MASTER_KIND: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    EXACT_POW: tl.constexpr, ALIGNED: tl.constexpr, NUMEL16: tl.constexpr,
+    EXACT_POW: tl.constexpr, ALIGNED: tl.constexpr, NUMEL16: tl.constexpr, FAST_MATH: tl.constexpr = False,
 ):
-    """``BPP`` consecutive blocks of one parameter, one block at a time as a 1-D tile (see the module docstring).
+    """``BPP`` consecutive blocks of one parameter as one 2-D tile ``[BPP, BLOCK]`` (see the module docstring).
+
+    The tile form is what makes the kernel memory-bound instead of latency-bound: every thread issues the loads of
+    several blocks at once, and the per-block reductions run along the tile's rows, which the compiler keeps inside a
+    warp (shuffles, no shared memory). The earlier form — one warp per program, its blocks in a sequential loop —
+    left at most 32 one-warp programs per SM (Hopper's block limit) each waiting on a chain of dependent table loads:
+    3.2 ms per 256M-parameter step vs 1.46 ms for torch's fused AdamW (H200, bench/bench_optim.py, 2026-12-01).
 
     Indices are int32 (the launcher refuses parameters of 2^31 elements or more): 64-bit element offsets doubled the
     address arithmetic. ``ALIGNED`` (every element array 16-byte aligned) and ``NUMEL16`` (every numel a multiple of
@@ -358,28 +383,30 @@ def fused_adam_kernel(
     nblocks = tl.load(row + COL_BLOCKS).to(tl.int32)
     ok = tl.load(ok_ptr) != 0  # the step's all-gradients-finite flag (uint8 view of a 0-d bool)
     bases = (base_u8, base_u16, base_f16, base_f32, base_e4m3, base_e5m2)
-    for r in tl.static_range(BPP):
-        _adam_block(bases, row, sc, first_block + r, nblocks, numel, ok, BLOCK_SIZE, BLOCK, GRAD_KIND, PARAM_KIND,
-                    M_KIND, V_KIND, MASTER_KIND, DECOUPLED, MAXIMIZE, USE_LIBDEVICE, EXACT_POW, ALIGNED)
+    _adam_tile(bases, row, sc, first_block + tl.arange(0, BPP), nblocks, numel, ok, BLOCK_SIZE, BLOCK, GRAD_KIND,
+               PARAM_KIND, M_KIND, V_KIND, MASTER_KIND, DECOUPLED, MAXIMIZE, USE_LIBDEVICE, EXACT_POW, ALIGNED,
+               FAST_MATH)
 
 
 @triton.jit
-def _adam_block(
+def _adam_tile(
     bases, row, sc, blk, nblocks, numel, ok,
     BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
     GRAD_KIND: tl.constexpr, PARAM_KIND: tl.constexpr, M_KIND: tl.constexpr, V_KIND: tl.constexpr,
     MASTER_KIND: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    EXACT_POW: tl.constexpr, ALIGNED: tl.constexpr,
+    EXACT_POW: tl.constexpr, ALIGNED: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """Decode → Adam (FP32) → encode one block of ``BLOCK_SIZE`` elements; per-block amax etc. are tile reductions,
-    so a block's whole update is one pass. Writes nothing unless ``ok`` (the step's finite flag)."""
-    col = tl.arange(0, BLOCK)
-    row_ok = blk < nblocks
-    elem = blk * BLOCK_SIZE + col  # index into the padded (blocks, block_size) state
+    """Decode → Adam (FP32) → encode the blocks ``blk`` (a vector: one tile row per block of ``BLOCK_SIZE``
+    elements); per-block amax etc. are row reductions, so a block's whole update is one pass. Writes nothing unless
+    ``ok`` (the step's finite flag)."""
+    col = tl.arange(0, BLOCK)[None, :]
+    row_ok = blk < nblocks  # [BPP]: per-block scalars are loaded/stored with this mask
+    row_ok2 = row_ok[:, None]
+    elem = blk[:, None] * BLOCK_SIZE + col  # index into the padded (blocks, block_size) state
     if BLOCK == BLOCK_SIZE:
-        in_state = tl.full((BLOCK,), 1, tl.int1) & row_ok
+        in_state = row_ok2 & (col < BLOCK)
     else:
-        in_state = row_ok & (col < BLOCK_SIZE)
+        in_state = row_ok2 & (col < BLOCK_SIZE)
     in_param = in_state & (elem < numel)
     st_mask = in_state & ok
     row_st = row_ok & ok
@@ -422,7 +449,7 @@ def _adam_block(
     else:
         m_scale_old = tl.load(_ptr(row, COL_M_SCALE, tl.float32) + blk, mask=row_ok, other=1.0)
         m = _load_fp8(bases, row, COL_M, elem, in_state, False, USE_LIBDEVICE, ALIGNED)
-        m = m * tl.math.div_rn(one, m_scale_old)
+        m = m * tl.math.div_rn(tl.full(m_scale_old.shape, 1.0, tl.float32), m_scale_old)[:, None]
 
     # ---- second moment (decode)
     if V_KIND == 0:
@@ -430,14 +457,14 @@ def _adam_block(
     elif V_KIND == 1:
         v_scale_old = tl.load(_ptr(row, COL_V_SCALE, tl.float32) + blk, mask=row_ok, other=1.0)
         v = tl.load(_eptr(base_f16, row, COL_V, ALIGNED) + elem, mask=in_state, other=0.0).to(tl.float32)
-        v = v * tl.math.div_rn(one, v_scale_old)
+        v = v * tl.math.div_rn(tl.full(v_scale_old.shape, 1.0, tl.float32), v_scale_old)[:, None]
     else:
         v_max_old = tl.load(_ptr(row, COL_V_SCALE, tl.float32) + blk, mask=row_ok, other=1.0)  # the block's max
         k_old = tl.load(_ptr(row, COL_V_K, tl.float32) + blk, mask=row_ok, other=1.0)
         hp = _load_fp8(bases, row, COL_V, elem, in_state, False, USE_LIBDEVICE, ALIGNED)
         hp = hp * tl.math.div_rn(one, _E4M3_MAX)  # codes = 448·sign·(|v|/max)^k
-        inv_k = tl.math.div_rn(one, k_old)
-        mag = _pow_elem(tl.abs(hp), inv_k, USE_LIBDEVICE, EXACT_POW) * v_max_old
+        inv_k = tl.math.div_rn(tl.full(k_old.shape, 1.0, tl.float32), k_old)[:, None]
+        mag = _pow_elem(tl.abs(hp), inv_k, USE_LIBDEVICE, EXACT_POW) * v_max_old[:, None]
         v = tl.where(hp < 0.0, -mag, mag)  # torch.sign(hp) * |hp|^(1/k) * max (|0|^(1/k) = 0)
 
     # ---- Adam / AdamW (FP32)
@@ -452,8 +479,8 @@ def _adam_block(
     else:
         m = _fma(-diff, tl.load(sc + S_LERP_1MW), g, USE_LIBDEVICE)
     v = v * tl.load(sc + S_BETA2) + (tl.load(sc + S_1MB2) * g) * g
-    denom = tl.math.div_rn(tl.sqrt_rn(v), tl.load(sc + S_BC2_SQRT)) + tl.load(sc + S_EPS)
-    w = w - tl.load(sc + S_STEP_SIZE) * tl.math.div_rn(m, denom)
+    denom = _div(_sqrt(v, FAST_MATH), tl.load(sc + S_BC2_SQRT), FAST_MATH) + tl.load(sc + S_EPS)
+    w = w - tl.load(sc + S_STEP_SIZE) * _div(m, denom, FAST_MATH)
 
     # ---- encode + store the first moment
     if M_KIND == 0:
@@ -461,9 +488,9 @@ def _adam_block(
     elif M_KIND == 1:
         tl.store(_eptr(base_u16, row, COL_M, ALIGNED) + elem, _f32_to_bf16_rn(m), mask=st_mask)
     else:
-        m_amax = tl.max(tl.where(in_state, tl.abs(m), 0.0), axis=0)
+        m_amax = tl.max(tl.where(in_state, tl.abs(m), 0.0), axis=1)
         m_scale = _scale_from_amax(m_amax, _E4M3_MAX, False)
-        scaled = tl.minimum(tl.maximum(m * m_scale, -_E4M3_MAX), _E4M3_MAX)
+        scaled = tl.minimum(tl.maximum(m * m_scale[:, None], -_E4M3_MAX), _E4M3_MAX)
         _store_e4m3(bases, row, COL_M, elem, scaled, st_mask, USE_LIBDEVICE, ALIGNED)
         tl.store(_ptr(row, COL_M_SCALE, tl.float32) + blk, m_scale, mask=row_st)
 
@@ -471,22 +498,22 @@ def _adam_block(
     if V_KIND == 0:
         tl.store(_eptr(base_f32, row, COL_V, ALIGNED) + elem, v, mask=st_mask)
     elif V_KIND == 1:
-        v_amax = tl.max(tl.where(in_state, tl.abs(v), 0.0), axis=0)
+        v_amax = tl.max(tl.where(in_state, tl.abs(v), 0.0), axis=1)
         v_scale = _scale_from_amax(v_amax, _FP16_MAX, True)
-        scaled = tl.minimum(tl.maximum(v * v_scale, -_FP16_MAX), _FP16_MAX)
+        scaled = tl.minimum(tl.maximum(v * v_scale[:, None], -_FP16_MAX), _FP16_MAX)
         tl.store(_eptr(base_f16, row, COL_V, ALIGNED) + elem, scaled.to(tl.float16), mask=st_mask)
         tl.store(_ptr(row, COL_V_SCALE, tl.float32) + blk, v_scale, mask=row_st)
     else:
         magnitude = tl.where(in_state, tl.abs(v), 0.0)
-        block_max = tl.max(magnitude, axis=0)
-        nonzero_min = tl.min(tl.where(magnitude > 0.0, magnitude, float("inf")), axis=0)
+        block_max = tl.max(magnitude, axis=1)
+        nonzero_min = tl.min(tl.where(magnitude > 0.0, magnitude, float("inf")), axis=1)
         log_range = _log_row(tl.math.div_rn(block_max, nonzero_min), USE_LIBDEVICE, EXACT_POW)
-        k = tl.math.div_rn(one, log_range) * _E4M3_LOG_RANGE
+        k = tl.math.div_rn(tl.full(log_range.shape, 1.0, tl.float32), log_range) * _E4M3_LOG_RANGE
         k = tl.minimum(k, _K_MAX)
         k = tl.where((k > 0.0) & (k < float("inf")), k, 1.0)
         # Normalised by the block max before the power, so tiny v never underflow (see optim/state_codec.py).
         denom = tl.where(block_max > 0.0, block_max, 1.0)
-        expanded = _pow_elem(tl.math.div_rn(magnitude, denom), k, USE_LIBDEVICE, EXACT_POW)
+        expanded = _pow_elem(_div(magnitude, denom[:, None], FAST_MATH), k[:, None], USE_LIBDEVICE, EXACT_POW)
         expanded = tl.where(v < 0.0, -expanded, expanded)  # torch.sign(v) * (|v|/max)^k
         scaled = tl.minimum(tl.maximum(expanded * _E4M3_MAX, -_E4M3_MAX), _E4M3_MAX)
         _store_e4m3(bases, row, COL_V, elem, scaled, st_mask, USE_LIBDEVICE, ALIGNED)

@@ -102,18 +102,27 @@ class LowBitOptimizer(torch.optim.Optimizer):
         return format_tag(self.rule, self._momentum_codec_name(group), sq, self.master.mode, self.block_size)
 
     def _spec(self, group: dict[str, Any], param: torch.Tensor) -> UpdateSpec:
+        """The parameter's :class:`UpdateSpec`, cached by everything it is built from (the group's flags are re-read
+        every step, so a changed flag gives a new spec): it is asked for per parameter per step."""
         name = self._momentum_codec_name(group)
-        return UpdateSpec(
-            rule=self.rule,
-            exp_avg=get_codec(name) if name is not None else None,
-            exp_avg_sq=self.exp_avg_sq_codec,
-            master=self.master,
-            param_dtype=param.dtype,
-            block_size=self.block_size,
-            decoupled=bool(group.get("decoupled_weight_decay", self.decoupled_default)),
-            maximize=bool(group.get("maximize", False)),
-            nesterov=bool(group.get("nesterov", False)),
-        )
+        flags = (bool(group.get("decoupled_weight_decay", self.decoupled_default)), bool(group.get("maximize", False)),
+                 bool(group.get("nesterov", False)))
+        key = (name, param.dtype, flags)
+        cache = self.__dict__.setdefault("_spec_cache", {})
+        spec = cache.get(key)
+        if spec is None:
+            spec = cache[key] = UpdateSpec(
+                rule=self.rule,
+                exp_avg=get_codec(name) if name is not None else None,
+                exp_avg_sq=self.exp_avg_sq_codec,
+                master=self.master,
+                param_dtype=param.dtype,
+                block_size=self.block_size,
+                decoupled=flags[0],
+                maximize=flags[1],
+                nesterov=flags[2],
+            )
+        return spec
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -275,7 +284,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
             if scale is None:
                 scale = ones.setdefault(param.device, torch.ones((), device=param.device))
             if fused is not None and group.get("fused") is not False and fused.add(
-                    self._spec(group, param), local.detach(), codes, scale, state, hypers[key], salt):
+                    self._spec(group, param), local, codes, scale, state, hypers[key], salt):
                 continue
             use_compile = self.use_compile if self.use_compile is not None else param.device.type == "cuda"
             update = compiled_update(self._spec(group, param), param.device, use_compile)

@@ -151,7 +151,10 @@ def all_finite(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
     One stacked ``isfinite`` for all scales instead of one per parameter: ``torch.isfinite`` of a float tensor is
     four kernels, and per parameter those launches were most of the host time of a fused step."""
-    scales = [x.reshape(()).to(device, torch.float32) for x in items if x.dtype != torch.bool]
+    # FP8 gradient scales are already 0-d float32 on the device: taken as they are (a reshape + to per item was
+    # ~3 us of host time per parameter)
+    scales = [x if x.dtype == torch.float32 and x.dim() == 0 and x.device == device
+              else x.reshape(()).to(device, torch.float32) for x in items if x.dtype != torch.bool]
     flags = [x.reshape(()).to(device) for x in items if x.dtype == torch.bool]
     parts = []
     if scales:
@@ -177,19 +180,27 @@ _FUSED_PARAM = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 FUSED_ALLOW_UNVERIFIED = False
 _FUSED_GRAD = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1, torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
 
-#: Blocks of ``block_size`` elements handled by one program, and its warps (measured on H200: docs/optimizer.md).
-#: One warp per program, one block of 128 per pass (4 elements per thread): the per-block amax/min reductions stay
-#: inside the warp (shuffles, no shared memory or barrier) and per-block scalars are computed once per 4 elements;
-#: ~60 registers (ptxas -v, sm_90a). Chosen from the sweep in docs/optimizer.md.
-FUSED_BLOCKS_PER_PROGRAM = 1
-FUSED_NUM_WARPS = 1
+#: Blocks of ``block_size`` elements handled by one program (a power of 2: the rows of the kernel's 2-D tile), and its
+#: warps. Each warp owns whole tile rows, so the per-block amax/min reductions stay inside a warp (shuffles, no shared
+#: memory); several rows per thread put several blocks' loads in flight at once. Chosen from the sweep in
+#: bench/bench_optim.py --sweep (docs/optimizer.md).
+FUSED_BLOCKS_PER_PROGRAM = 8
+FUSED_NUM_WARPS = 4
 #: COAT's per-element ``|x|^k`` (and the block's log-range) with libdevice's ``powf``/``logf`` when True; False
 #: (default) uses the hardware ``ex2``/``lg2`` approximations (relative error ~1e-6): libdevice's accurate pow costs
 #: ~100 instructions per call, two calls per element, which made the kernel instruction-bound (docs/optimizer.md).
 FUSED_EXACT_POW = False
 #: Bias corrections from the reference's own torch ops (a few launches per group) instead of the prologue's libdevice
 #: ``powf``, whose flush-to-zero variant can differ from ATen's by an ulp — amplified by ``1 - beta2^t`` cancellation.
+#: Also turns ``FUSED_FAST_MATH`` off: together the bit-exact mode the tests compare bit for bit.
 FUSED_TORCH_BIAS_CORRECTION = False
+#: The per-element ``sqrt(v) / bc2``, ``m / denom`` (and e4m3_expand's ``|v| / max``) with the hardware's approximate
+#: division/square root (``div.full``/``sqrt.approx``, ≤ 2 ulp of FP32) instead of the IEEE sequences: the IEEE ones
+#: made the kernel instruction-bound — 1.67 -> 1.45 ms per 256M-parameter O3 step (H200, bench/bench_optim.py --sweep,
+#: 2026-12-01), for an FP32 update that differs by ≤ 2 ulp before it is rounded to bf16 (bit-identical weights:
+#: 0.998845 vs 0.998847 of the IEEE kernel against the eager reference). Off in the bit-exact mode
+#: (``FUSED_TORCH_BIAS_CORRECTION``), which reproduces the reference bit for bit.
+FUSED_FAST_MATH = True
 #: Test hook: serve CPU parameters too, through Triton's interpreter (needs TRITON_INTERPRET=1 before Triton loads).
 FUSED_ON_CPU_INTERPRETER = False
 
@@ -202,35 +213,56 @@ def _interpreting() -> bool:
 
 def fused_unavailable(spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.Tensor) -> str | None:
     """``None`` when the fused Triton kernel serves this parameter's update, else why the compiled path runs it."""
+    reason = _kind_unavailable(spec, param, grad_codes)
+    if reason is None and (not grad_codes.is_contiguous() or grad_codes.numel() != param.numel()):
+        reason = "non-contiguous gradient"
+    if reason is None and torch.compiler.is_compiling():
+        reason = "under torch.compile: the traced reference ops are compiled instead of an opaque raw-pointer kernel"
+    return reason
+
+
+def _kind_unavailable(spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.Tensor) -> str | None:
+    """The part of :func:`fused_unavailable` fixed by the tensors' kinds and sizes (cached per parameter by
+    :class:`FusedAdamStep`)."""
+    on_cpu_interpreter = FUSED_ON_CPU_INTERPRETER and param.device.type == "cpu" and _interpreting()
+    reason = _static_unavailable(spec, param.device.type, on_cpu_interpreter, param.dtype, grad_codes.dtype,
+                                 type(param) in _PLAIN and type(grad_codes) is torch.Tensor,
+                                 FUSED_ALLOW_UNVERIFIED)
+    if reason is None and param.numel() >= 2**31 - 2**16:
+        reason = "2^31 elements or more: the kernel indexes with int32"
+    return reason
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # raw storage the kernel can address (not a subclass such as DTensor)
+
+
+@functools.lru_cache(maxsize=256)
+def _static_unavailable(spec: UpdateSpec, device_type: str, on_cpu_interpreter: bool, param_dtype: torch.dtype,
+                        grad_dtype: torch.dtype, plain_tensors: bool, allow_unverified: bool) -> str | None:
+    """The part of :func:`fused_unavailable` that depends only on kinds, not on the tensors (cached: it runs per
+    parameter per step, and these checks were a third of the fused step's host time)."""
     if spec.rule != "adam":
         return f"rule {spec.rule!r}: the fused kernel implements Adam/AdamW only"
-    on_cpu_interpreter = FUSED_ON_CPU_INTERPRETER and param.device.type == "cpu" and _interpreting()
-    if param.device.type != "cuda" and not on_cpu_interpreter:
-        return f"parameter on {param.device.type}: the fused kernel is CUDA-only (CPU runs the eager reference)"
+    if device_type != "cuda" and not on_cpu_interpreter:
+        return f"parameter on {device_type}: the fused kernel is CUDA-only (CPU runs the eager reference)"
     if spec.master.mode == "fp16":
         return ("master_weights='fp16' takes one power-of-2 scale from the amax of the whole *updated* tensor, which "
                 "needs a grid-wide reduction before any weight is written; a one-pass kernel cannot do that")
-    unverified = (param.dtype != torch.bfloat16 or spec.master.mode not in ("bf16_sr", "none") or not spec.decoupled
+    unverified = (param_dtype != torch.bfloat16 or spec.master.mode not in ("bf16_sr", "none") or not spec.decoupled
                   or spec.maximize)
-    if unverified and not FUSED_ALLOW_UNVERIFIED:
+    if unverified and not allow_unverified:
         return ("mode not verified on the GPU: the kernel serves bf16 parameters with master_weights bf16_sr/none, "
                 "AdamW (decoupled decay), maximize=False; the others disagreed with the reference beyond the test "
                 "bounds (H200, 2026-12-01) and take the compiled path")
     assert spec.exp_avg is not None and spec.exp_avg_sq is not None
     if spec.exp_avg.name not in _FUSED_M or spec.exp_avg_sq.name not in _FUSED_V:
         return f"formats m={spec.exp_avg.name}, v={spec.exp_avg_sq.name} are not implemented by the fused kernel"
-    if param.dtype not in _FUSED_PARAM:
-        return f"parameter dtype {param.dtype} (the fused kernel writes bf16/fp16/fp32)"
-    if grad_codes.dtype not in _FUSED_GRAD:
-        return f"gradient dtype {grad_codes.dtype}"
-    if param.numel() >= 2**31 - 2**16:
-        return "2^31 elements or more: the kernel indexes with int32"
-    if type(param) is not torch.Tensor or type(grad_codes) is not torch.Tensor:
+    if param_dtype not in _FUSED_PARAM:
+        return f"parameter dtype {param_dtype} (the fused kernel writes bf16/fp16/fp32)"
+    if grad_dtype not in _FUSED_GRAD:
+        return f"gradient dtype {grad_dtype}"
+    if not plain_tensors:
         return "tensor subclass (e.g. DTensor): the kernel reads raw storage, the compiled path handles subclasses"
-    if not grad_codes.is_contiguous() or grad_codes.numel() != param.numel():
-        return "non-contiguous gradient"
-    if torch.compiler.is_compiling():
-        return "under torch.compile: the traced reference ops are compiled instead of an opaque raw-pointer kernel"
     if not _triton_importable():
         return "triton is not importable"
     return None
@@ -241,15 +273,6 @@ def _triton_importable() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
-
-
-def _element_columns() -> tuple[int, ...]:
-    from lowbit_amp.kernels import adam_triton as K  # noqa: N812
-
-    return tuple(int(c) for c in (K.COL_PARAM, K.COL_GRAD, K.COL_M, K.COL_V, K.COL_MASTER))
-
-
-_ELEMENT_COLUMNS = (0, 1, 3, 5, 8)  # == _element_columns(), checked by tests/optim/test_fused_step.py
 
 
 def _next_pow2(n: int) -> int:
@@ -273,7 +296,9 @@ class FusedAdamStep:
     """
 
     def __init__(self) -> None:
-        self._rows: dict[int, tuple[tuple[torch.Tensor, ...], list[int]]] = {}
+        self._plans: dict[int, tuple] = {}  # id(state) -> (state, spec, ident, state tensors, *_plan(...))
+        self._compiling = False
+        self._used: set[int] = set()  # ids of the states added since begin()
         self._tables: dict[tuple, tuple[list[int], torch.Tensor]] = {}
         self._chunks: dict[tuple, torch.Tensor] = {}
         self._pending: dict[tuple, list[tuple[list[int], tuple[torch.Tensor, ...]]]] = {}
@@ -283,6 +308,10 @@ class FusedAdamStep:
         self.fallbacks: dict[str, int] = {}  # reason -> parameters served by the compiled path (last step)
 
     def begin(self) -> None:
+        if len(self._plans) > len(self._used):  # drop plans of states no longer stepped (they hold state tensors)
+            self._plans = {k: plan for k, plan in self._plans.items() if k in self._used}
+        self._used = set()
+        self._compiling = torch.compiler.is_compiling()
         self._pending = {}
         self._step_of = {}
         self.fallbacks = {}
@@ -291,54 +320,74 @@ class FusedAdamStep:
             state: dict, hyper: torch.Tensor, salt: torch.Tensor) -> bool:
         """Queue ``param`` (a plain tensor: the parameter, or its local shard) for the fused launch; False (reason
         counted in ``fallbacks``) if the kernel cannot serve it. Every tensor whose pointer goes into the table is held
-        until :meth:`launch` has enqueued the kernel (a temporary freed earlier could be reused by the allocator)."""
-        reason = fused_unavailable(spec, param, grad_codes)
-        if reason is None:
-            row = self._static_row(spec, param, state)
-            if row is None:
-                reason = "state tensors are not contiguous (e.g. after loading a foreign checkpoint layout)"
+        until :meth:`launch` has enqueued the kernel (a temporary freed earlier could be reused by the allocator).
+
+        Runs per parameter per step, so what is fixed between steps — the kind checks and the table row of the
+        parameter and its state — is a cached plan, revalidated by identity: the state dict, the spec object, the
+        parameter's address/numel/dtype, the gradient's dtype/type and the state tensors (a ``load_state_dict``
+        replaces them). Host time per parameter went from ~40 to ~10 us (CPU profile with the launches stubbed,
+        2026-12-01); only the gradient, scale, hyper-parameter and salt addresses are read each step."""
+        m, v, master = state["exp_avg"], state["exp_avg_sq"], state["master"]
+        tensors = (*m.values(), *v.values(), *master.values(), state["step"])
+        ident = (param.data_ptr(), param.numel(), param.dtype, grad_codes.dtype, type(param), type(grad_codes),
+                 FUSED_ALLOW_UNVERIFIED, FUSED_ON_CPU_INTERPRETER)
+        self._used.add(id(state))
+        plan = self._plans.get(id(state))
+        if (plan is None or plan[0] is not state or plan[1] is not spec or plan[2] != ident
+                or len(plan[3]) != len(tensors) or not all(a is b for a, b in zip(plan[3], tensors))):
+            plan = self._plans[id(state)] = (state, spec, ident, tensors, *self._plan(spec, param, grad_codes, state))
+        reason, static, static_aligned, base = plan[4:]
+        if reason is None and (not grad_codes.is_contiguous() or grad_codes.numel() != param.numel()):
+            reason = "non-contiguous gradient"
+        if reason is None and self._compiling:
+            reason = "under torch.compile: the traced reference ops are compiled instead of an opaque raw-pointer kernel"
         if reason is not None:
             self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
             return False
-        assert row is not None
-        full = list(row[0])
-        full[1], full[2], full[10], full[11] = (grad_codes.data_ptr(), grad_scale.data_ptr(), hyper.data_ptr(),
-                                                salt.data_ptr())
-        sizes = (row[1][0], grad_codes.element_size(), *row[1][1:])
+        full = list(static)
+        grad_ptr = grad_codes.data_ptr()
+        # element arrays as offsets from the base (exact: storages are aligned to their element size)
+        full[1] = (grad_ptr - base.data_ptr()) // grad_codes.element_size()
+        full[2], full[10], full[11] = grad_scale.data_ptr(), hyper.data_ptr(), salt.data_ptr()
         key = (spec, grad_codes.dtype, param.device)
-        self._pending.setdefault(key, []).append((full, sizes, (param, grad_codes, grad_scale, hyper, salt)))
+        aligned = static_aligned and grad_ptr % 16 == 0
+        self._pending.setdefault(key, []).append((full, aligned, (param, grad_codes, grad_scale, hyper, salt)))
         self._step_of[id(param)] = state["step"]
         return True
 
-    def _static_row(self, spec: UpdateSpec, param: torch.Tensor, state: dict
-                    ) -> tuple[list[int], tuple[int, ...]] | None:
-        """(absolute addresses / sizes by table column, element sizes of param, m, v, master), cached per state."""
+    def _plan(self, spec: UpdateSpec, param: torch.Tensor, grad_codes: torch.Tensor, state: dict
+              ) -> tuple[str | None, list[int], bool, torch.Tensor | None]:
+        """(why the kernel cannot serve this parameter or None; its table row without the per-step gradient/hyper
+        columns — element arrays as offsets in elements from the device's base allocation, other columns absolute
+        addresses or counts —; whether its element arrays are all 16-byte aligned; the base allocation)."""
+        reason = _kind_unavailable(spec, param, grad_codes)
+        if reason is not None:
+            return reason, [], False, None
         from lowbit_amp.kernels import adam_triton as K  # noqa: N812
 
         m, v, master = state["exp_avg"], state["exp_avg_sq"], state["master"]
-        tensors = (param, *m.values(), *v.values(), *master.values(), state["step"])
-        cached = self._rows.get(id(state))  # the state dict outlives per-step views (e.g. a DTensor's local shard)
-        if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
-            return cached[1]
-        if not all(t.is_contiguous() for t in tensors):
-            return None
+        if not param.is_contiguous() or not all(t.is_contiguous() for x in (m, v, master) for t in x.values()):
+            return "state tensors are not contiguous (e.g. after loading a foreign checkpoint layout)", [], False, None
+        base = self._bases.get(param.device)
+        if base is None:  # any 16-byte-aligned allocation: element arrays are addressed relative to it
+            base = self._bases[param.device] = torch.zeros(64, dtype=torch.uint8, device=param.device)
         dummy = param.data_ptr()
         row = [dummy] * int(K.NCOL)
-        row[int(K.COL_PARAM)] = param.data_ptr()
-        row[int(K.COL_M)] = (m["value"] if "value" in m else m["codes"]).data_ptr()
+        m_big = m["value"] if "value" in m else m["codes"]
+        v_big = v["value"] if "value" in v else v["codes"]
+        master_big = master.get("value", param)
+        elements = {int(K.COL_PARAM): param, int(K.COL_M): m_big, int(K.COL_V): v_big, int(K.COL_MASTER): master_big}
+        for column, tensor in elements.items():
+            row[column] = (tensor.data_ptr() - base.data_ptr()) // tensor.element_size()
+        row[int(K.COL_GRAD)] = 0  # per step (add)
         row[int(K.COL_M_SCALE)] = m["scale"].data_ptr() if "scale" in m else dummy
-        row[int(K.COL_V)] = (v["value"] if "value" in v else v["codes"]).data_ptr()
         row[int(K.COL_V_SCALE)] = v["scale"].data_ptr() if "scale" in v else dummy
         row[int(K.COL_V_K)] = v["k"].data_ptr() if "k" in v else dummy
-        row[int(K.COL_MASTER)] = master["value"].data_ptr() if "value" in master else dummy
         row[int(K.COL_STEP)] = state["step"].data_ptr()
         row[int(K.COL_NUMEL)] = param.numel()
         row[int(K.COL_BLOCKS)] = -(-param.numel() // spec.block_size)
-        big = [(x["value"] if "value" in x else x["codes"]) for x in (m, v)]
-        sizes = (param.element_size(), big[0].element_size(), big[1].element_size(),
-                 master["value"].element_size() if "value" in master else param.element_size())
-        self._rows[id(state)] = (tensors, (row, sizes))
-        return row, sizes
+        aligned = all(t.data_ptr() % 16 == 0 for t in elements.values())
+        return None, row, aligned, base
 
     def launch(self, ok: torch.Tensor) -> None:
         """Run the queued updates (prologue + main kernel per group); step counters advance where ``ok``."""
@@ -350,18 +399,11 @@ class FusedAdamStep:
         for key, items in self._pending.items():
             spec, grad_dtype, device = key
             bpp = FUSED_BLOCKS_PER_PROGRAM
-            base = self._bases.get(device)
-            if base is None:  # any 16-byte-aligned allocation: element arrays are addressed relative to it
-                base = self._bases[device] = torch.zeros(64, dtype=torch.uint8, device=device)
+            base = self._bases[device]
             rows = [r for r, _, _ in items]
-            aligned = all(r[c] % 16 == 0 for r in rows for c in _ELEMENT_COLUMNS)
+            aligned = all(a for _, a, _ in items)
             numel16 = all(r[int(K.COL_NUMEL)] % 16 == 0 for r in rows)
-            flat = []
-            for r, sizes, _ in items:
-                r = list(r)
-                for c, size in zip(_ELEMENT_COLUMNS, sizes):
-                    r[c] = (r[c] - base.data_ptr()) // size  # exact: storages are aligned to their element size
-                flat.extend(r)
+            flat = [x for r in rows for x in r]
             cached = self._tables.get(key)  # one table per group, re-sent only when a pointer changed
             if cached is not None and cached[0] == flat:
                 table = cached[1]
@@ -406,6 +448,7 @@ class FusedAdamStep:
                 M_KIND=_FUSED_M[spec.exp_avg.name], V_KIND=_FUSED_V[spec.exp_avg_sq.name], MASTER_KIND=master,
                 DECOUPLED=spec.decoupled, MAXIMIZE=spec.maximize, USE_LIBDEVICE=not interpreting,
                 EXACT_POW=FUSED_EXACT_POW, ALIGNED=aligned, NUMEL16=numel16,
+                FAST_MATH=FUSED_FAST_MATH and not FUSED_TORCH_BIAS_CORRECTION,
                 num_warps=FUSED_NUM_WARPS, enable_fp_fusion=False,
             )
         self._pending = {}
