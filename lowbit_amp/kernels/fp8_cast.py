@@ -62,14 +62,20 @@ def _scale_from_amax_bits(amax_bits, TARGET: tl.constexpr, MAX_SCALE_C: tl.const
 
 
 @triton.jit
-def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr):
-    """ScalingState.record: pending = max(pending, amax if finite else 0); nonfinite_count += not finite."""
+def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH: tl.constexpr):
+    """ScalingState.record: pending = max(pending, amax if finite else 0); nonfinite_count += not finite. ``FRESH``:
+    the targets are new uninitialised outputs (the custom op's), written as if they had been zero — no zero-fill
+    launch per call."""
     finite = amax_bits < 0x7F800000
     amax = amax_bits.to(tl.float32, bitcast=True)
-    pending = tl.load(pending_ptr)
-    tl.store(pending_ptr, tl.maximum(pending, tl.where(finite, amax, 0.0)))
-    count = tl.load(nonfinite_ptr)
-    tl.store(nonfinite_ptr, count + tl.where(finite, 0, 1).to(tl.int64))
+    contribution = tl.where(finite, amax, 0.0)
+    flag = tl.where(finite, 0, 1).to(tl.int64)
+    if FRESH:
+        tl.store(pending_ptr, tl.maximum(contribution, 0.0))
+        tl.store(nonfinite_ptr, flag)
+    else:
+        tl.store(pending_ptr, tl.maximum(tl.load(pending_ptr), contribution))
+        tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + flag)
 
 
 @triton.jit
@@ -97,7 +103,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
                  scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr,
                  TARGET: tl.constexpr, FMT_MAX: tl.constexpr, MAX_SCALE_C: tl.constexpr,
                  CURRENT: tl.constexpr, RECORD: tl.constexpr, WRITE_T: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr):
     pid = tl.program_id(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
     offs_m = (pid // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,10 +128,13 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
         # 1/scale 16 bytes further on: cuBLAS rejects (CUBLAS_STATUS_NOT_SUPPORTED) a scale pointer that is not
         # 16-byte aligned.
         tl.store(scale_out_ptr + 4, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale))
+        if FRESH and not RECORD:  # the custom op's outputs are always defined: nothing recorded
+            tl.store(pending_ptr, 0.0)
+            tl.store(nonfinite_ptr, tl.full((), 0, tl.int64))
     if RECORD:
         if CURRENT:
             if pid == 0:
-                _fold_amax(amax_bits, pending_ptr, nonfinite_ptr)
+                _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH)
         else:
             tile_bits = tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), 1), 0)
             tl.atomic_max(scratch_ptr, tile_bits)
@@ -134,7 +143,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
             if done == tl.num_programs(0) - 1:
                 total_bits = tl.atomic_xchg(scratch_ptr, 0)
                 tl.atomic_xchg(scratch_ptr + 1, 0)
-                _fold_amax(total_bits, pending_ptr, nonfinite_ptr)
+                _fold_amax(total_bits, pending_ptr, nonfinite_ptr, FRESH)
 
 
 class _Launcher:
@@ -192,23 +201,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _scratch(state: ScalingState, device: torch.device) -> torch.Tensor:
-    """Per-state, per-device int32[2] (amax bits, finished programs), all-zero between launches (the kernel resets)."""
-    store = state.__dict__.setdefault("_fused_cast_scratch", {})
-    buf = store.get(device)
-    if buf is None:
-        buf = store[device] = torch.zeros(2, dtype=torch.int32, device=device)
-    return buf
-
-
 def launch_cast(
     x2d: torch.Tensor, scale_in: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float,
     current: bool, record: bool, want_transpose: bool,
     pending: torch.Tensor | None, nonfinite: torch.Tensor | None, scratch: torch.Tensor | None,
+    fresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The kernels behind both entry points: ``(lp, lpᵀ or None, scale_out)``, ``scale_out[0]`` = the scale used
     when ``current``, ``scale_out[4]`` = its inverse. With ``record`` the tensor's amax is folded into ``pending`` /
-    ``nonfinite`` (and ``scratch``, all-zero int32[2], is used and left all-zero) exactly as ScalingState.record."""
+    ``nonfinite`` (and ``scratch``, all-zero int32[2], is used and left all-zero) exactly as ScalingState.record;
+    ``fresh``: ``pending``/``nonfinite`` are uninitialised and receive this tensor's contribution alone."""
     rows, cols = x2d.shape
     device = x2d.device
     # fp32 inputs: the in-kernel FP8 transpose gave wrong bytes for 16-aligned fp32 tiles (Triton 3.6, sm_90; caught
@@ -231,12 +233,12 @@ def launch_cast(
         tiles,
         (x2d, lp, lp_t, rows, cols, x2d.stride(0), x2d.stride(1),
          scale_in, partials, n_partials, scale_out,
-         pending if record else scale_out, nonfinite if record else scale_out,
+         pending if (record or fresh) else scale_out, nonfinite if (record or fresh) else scale_out,
          scratch if (record and not current) else scale_out),
         _NUM_WARPS,
         TARGET=target, FMT_MAX=fmt_max, MAX_SCALE_C=MAX_SCALE,
         CURRENT=current, RECORD=record, WRITE_T=write_t,
-        PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K,
+        PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, FRESH=fresh,
     )
     if want_transpose and not write_t:
         lp_t = lp.t().contiguous()
@@ -258,6 +260,6 @@ def fused_quantize(
     lp, lp_t, scale_out = launch_cast(
         x2d, state.scale, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current, record,
         want_transpose, state.pending_amax, state.nonfinite_count,
-        _scratch(state, x2d.device) if (record and not current) else None)
+        state.cast_scratch if (record and not current) else None)
     scale = scale_out[0] if current else state.scale
     return lp, lp_t, scale, scale_out[4]

@@ -31,24 +31,29 @@ __all__ = ["traceable_fused_quantize"]
 
 @torch.library.custom_op("lowbit_amp::fp8_cast", mutates_args=(), device_types="cuda")
 def fp8_cast(
-    x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float,
-    current: bool, record: bool, want_transpose: bool,
+    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, out_dtype: torch.dtype, fmt_max: float,
+    target: float, current: bool, record: bool, want_transpose: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lp, lpᵀ or an empty tensor, scale_out[8], pending amax, nonfinite count)``; see the module docstring."""
+    """``(lp, lpᵀ or an empty tensor, scale_out[8], pending amax, nonfinite count)``; see the module docstring.
+
+    ``scratch`` is the state's all-zero ``cast_scratch`` words: the one-pass delayed cast counts finished programs
+    in it and its last program zeroes it again, so the op leaves it as it found it (declared unmutated). The outputs
+    are allocated uninitialised and written whole by the kernel: the previous version zero-filled three buffers per
+    call, three extra launches per cast that made the compiled forward launch-bound (bench/trace_gaps.py, H200,
+    2026-12-01)."""
     from lowbit_amp.kernels.fp8_cast import launch_cast
 
-    pending = torch.zeros((), dtype=torch.float32, device=x.device)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=x.device)
-    scratch = torch.zeros(2, dtype=torch.int32, device=x.device) if (record and not current) else None
+    pending = torch.empty((), dtype=torch.float32, device=x.device)
+    nonfinite = torch.empty((), dtype=torch.int64, device=x.device)
     lp, lp_t, scale_out = launch_cast(x, scale, out_dtype, fmt_max, target, current, record, want_transpose,
-                                      pending, nonfinite, scratch)
+                                      pending, nonfinite, scratch if (record and not current) else None, fresh=True)
     if lp_t is None:
         lp_t = lp.new_empty((0,))
     return lp, lp_t, scale_out, pending, nonfinite
 
 
 @fp8_cast.register_fake
-def _fp8_cast_fake(x, scale, out_dtype, fmt_max, target, current, record, want_transpose):  # type: ignore[no-untyped-def]
+def _fp8_cast_fake(x, scale, scratch, out_dtype, fmt_max, target, current, record, want_transpose):  # type: ignore[no-untyped-def]
     rows, cols = x.shape
     lp = x.new_empty((rows, cols), dtype=out_dtype)
     lp_t = x.new_empty((cols, rows) if want_transpose else (0,), dtype=out_dtype)
@@ -64,7 +69,8 @@ def traceable_fused_quantize(
     current = not (state.config.algo == "static" or (state.delayed and state._warm))
     record = state.delayed
     lp, lp_t, scale_out, pending, nonfinite = torch.ops.lowbit_amp.fp8_cast(
-        x2d, state.scale, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current, record, want_transpose)
+        x2d, state.scale, state.cast_scratch, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current,
+        record, want_transpose)
     if record:
         state.nonfinite_count.add_(nonfinite)
         state.pending_amax.copy_(torch.maximum(state.pending_amax, pending))

@@ -44,6 +44,10 @@ class ScalingState(nn.Module):
         self.register_buffer("pending_amax", torch.zeros(()))
         self.register_buffer("has_history", torch.zeros((), dtype=torch.bool))
         self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.int64))
+        # The fused cast kernel's (amax bits, finished programs) words for a one-pass delayed cast: all-zero between
+        # launches (the kernel's last program resets them). A buffer, not a per-call allocation, so it moves with the
+        # model and a compiled graph reads it as an input instead of launching a zero-fill per cast; not saved.
+        self.register_buffer("cast_scratch", torch.zeros(2, dtype=torch.int32), persistent=False)
         # Host-side mirror of ``has_history`` so the hot path never syncs; set by the manager / on load.
         self._warm = False
 

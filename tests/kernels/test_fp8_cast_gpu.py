@@ -164,10 +164,18 @@ def test_custom_op_passes_opcheck() -> None:
     """Schema, fake (meta) implementation and the real one agree (torch.library.opcheck)."""
     x = _data((96, 80), torch.bfloat16, 11)
     scale = torch.tensor(2.0, device="cuda")
-    for current, record, want_t in [(True, False, True), (False, True, True), (False, True, False)]:
+    scratch = torch.zeros(2, dtype=torch.int32, device="cuda")  # a state's cast_scratch: left all-zero by the op
+    for current, record, want_t in [(True, False, True), (False, True, True), (False, True, False), (True, True, True)]:
         torch.library.opcheck(torch.ops.lowbit_amp.fp8_cast.default,
-                              (x, scale, torch.float8_e4m3fn, 448.0, 448.0, current, record, want_t),
+                              (x, scale, scratch, torch.float8_e4m3fn, 448.0, 448.0, current, record, want_t),
                               test_utils=("test_schema", "test_faketensor"))
+        assert not scratch.any(), "the op must leave the scratch words zeroed"
+        outs = torch.ops.lowbit_amp.fp8_cast.default(x, scale, scratch, torch.float8_e4m3fn, 448.0, 448.0, current,
+                                                     record, want_t)
+        amax = x.float().abs().max()
+        expected = amax if record else torch.zeros((), device="cuda")
+        assert torch.equal(outs[3], expected), "pending: this call's amax alone"
+        assert outs[4].item() == 0, "nonfinite count of finite data"
 
 
 @pytest.mark.skipif(not fp8_gemm_supported("cuda")[0], reason="FP8 GEMMs need compute capability 8.9+")

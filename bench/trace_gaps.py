@@ -1,0 +1,126 @@
+"""Where a training step leaves the GPU idle: kernel-to-kernel gaps of one anchor variant, with the host op behind each.
+
+    PYTHONPATH=. python bench/trace_gaps.py [variant ...]     # default: lowbit_O1_compile bf16_compile (d4096 anchor)
+
+Why: a step can be slower than the sum of its kernels when the GPU waits for Python (launch-bound stretches) or for a
+host sync. The e2e table cannot tell those apart from slow kernels; this can. For each variant it profiles two steps
+(torch.profiler, after warm-up), takes the GPU kernels/memcpys of the second step in stream order, and reports: busy
+time, the step's span, the idle total, and the largest gaps, each with the kernel before it and the host op (innermost
+``aten::``/``lowbit_amp::``/Python-level record) that launched the kernel after it. Writes
+``$OUT/trace_<variant>.json.gz`` (the Chrome trace, for Perfetto) and ``$OUT/trace_gaps.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_all import _make_variant  # noqa: E402  (the anchor variants, built exactly as the e2e benchmark does)
+
+OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
+ANCHOR = dict(dim=4096, heads=32, ffn=14336, layers=2)
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace(variant: str) -> dict:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    model, opt, _ = _make_variant(variant, **ANCHOR)
+    x = torch.randn(2, 4096, ANCHOR["dim"], device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        with torch.profiler.record_function("## step ##"):
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "trace.json")
+    prof.export_chrome_trace(path)
+    os.makedirs(OUT, exist_ok=True)
+    with open(path, "rb") as src, gzip.open(os.path.join(OUT, f"trace_{variant}.json.gz"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with open(path) as handle:
+        events = json.load(handle)["traceEvents"]
+    shutil.rmtree(tmp)
+    del model, opt
+    return analyse(variant, events)
+
+
+def analyse(variant: str, events: list[dict]) -> dict:
+    steps = sorted((e for e in events if e.get("name") == "## step ##" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and e.get("ph") == "X"), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")
+                       and e.get("ph") == "X"), key=lambda e: e["ts"])
+    second = steps[-1]
+    # GPU work of the second step: from its first kernel launched inside it to the next step's start (or the end)
+    corr_in_step = {c for c, e in launches.items() if second["ts"] <= e["ts"] <= second["ts"] + second["dur"]}
+    kernels = [k for k in gpu if k["args"].get("correlation") in corr_in_step]
+    if not kernels:
+        return {"variant": variant, "error": "no GPU events found in the profiled step"}
+    busy = sum(k["dur"] for k in kernels)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    gaps = []
+    for before, after in zip(kernels, kernels[1:]):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 5.0:
+            launch = launches.get(after["args"].get("correlation"))
+            owner = innermost(host_ops, launch["ts"]) if launch else "?"
+            gaps.append({"gap_us": round(gap, 1), "before": before["name"][:80], "after": after["name"][:80],
+                         "launched_by": owner, "launch_api": launch["name"] if launch else "?"})
+    gaps.sort(key=lambda g: -g["gap_us"])
+    report = {"variant": variant, "busy_ms": round(busy / 1000, 3), "span_ms": round(span / 1000, 3),
+              "idle_ms": round((span - busy) / 1000, 3), "kernels": len(kernels),
+              "idle_in_gaps_over_20us_ms": round(sum(g["gap_us"] for g in gaps if g["gap_us"] > 20) / 1000, 3),
+              "host_step_ms": round(second["dur"] / 1000, 3), "largest_gaps": gaps[:25]}
+    by_owner: dict[str, float] = {}
+    for g in gaps:
+        by_owner[g["launched_by"]] = by_owner.get(g["launched_by"], 0.0) + g["gap_us"]
+    report["gap_us_by_launching_op"] = dict(sorted(by_owner.items(), key=lambda kv: -kv[1])[:15])
+    return report
+
+
+def innermost(host_ops: list[dict], ts: float) -> str:
+    """Name of the innermost host op whose interval contains ``ts`` (the one with the latest start)."""
+    best = None
+    for op in host_ops:
+        if op["ts"] > ts:
+            break
+        if op["ts"] + op["dur"] >= ts and op.get("name") != "## step ##":
+            best = op
+    return best["name"][:90] if best else "(none)"
+
+
+def main(argv: list[str]) -> None:
+    variants = argv or ["lowbit_O1_compile", "bf16_compile"]
+    reports = [trace(v) for v in variants]
+    for r in reports:
+        print(f"\n== {r['variant']}: busy {r.get('busy_ms')} ms, span {r.get('span_ms')} ms, idle {r.get('idle_ms')} ms "
+              f"({r.get('kernels')} kernels; host step {r.get('host_step_ms')} ms)")
+        for g in r.get("largest_gaps", [])[:12]:
+            print(f"  {g['gap_us']:8.1f} us  after {g['before'][:40]:40s} -> {g['after'][:40]:40s} by {g['launched_by']}")
+        print("  idle by launching op:", json.dumps(r.get("gap_us_by_launching_op", {}))[:600])
+    with open(os.path.join(OUT, "trace_gaps.json"), "w") as handle:
+        json.dump(reports, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
