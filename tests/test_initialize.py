@@ -191,3 +191,22 @@ def test_shape_policy_keeping_every_layer_warns_and_leaves_model_unchanged() -> 
     assert not any(isinstance(m, amp.LowBitLinear) for m in model.modules())
     assert "too small to gain" in amp.summary(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_fused_optimizer_updates_reach_the_fp8_weights(level: str) -> None:
+    """torch's ``AdamW(fused=True)`` writes weights without bumping ``_version`` (the FP8 weight cache's key): the
+    step post-hook must drop the caches, or every later forward multiplies the *initial* FP8 weights (a real bug:
+    O1 loss stayed flat under fused AdamW, 2026-12-01). Fused and foreach AdamW must train the same model alike."""
+    losses = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused, foreach=None if fused else True)
+        model, opt = amp.initialize(model, opt, opt_level=level, modules={"min_gemm_size": 0})
+        losses[fused] = train(model, opt, range(12))
+        layer = model.fc1
+        assert layer._weight_cache is None, "the step post-hook leaves no stale FP8 weight cast behind"
+    assert losses[True][-1] < 0.9 * losses[True][0], f"fused AdamW did not train: {losses[True]}"
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) <= 1e-3 * abs(b), (losses[True], losses[False])

@@ -98,7 +98,7 @@ def prepare_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> tor
     At O2/O3 it returns the 8-bit optimizer rebuilt from ``optimizer``'s param groups (use the returned object); it
     always registers the scaling-manager update on ``step()`` and attaches the loss scaler.
     """
-    from lowbit_amp.initialize import _loss_scaling, amp_state
+    from lowbit_amp.initialize import _loss_scaling, after_step_hook, amp_state
     from lowbit_amp.loss_scaler import DynamicLossScaler
 
     state = amp_state(model)
@@ -113,7 +113,7 @@ def prepare_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> tor
         from lowbit_amp.optim.build import build_optimizer
 
         optimizer = build_optimizer(optimizer, model, config)
-    optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: state.manager.update())
+    optimizer.register_step_post_hook(after_step_hook(model, state.manager))
     optimizer.lowbit_loss_scaler = DynamicLossScaler(_loss_scaling(config, model))  # type: ignore[attr-defined]
     return optimizer
 

@@ -451,6 +451,9 @@ class FusedAdamStep:
                 FAST_MATH=FUSED_FAST_MATH and not FUSED_TORCH_BIAS_CORRECTION,
                 num_warps=FUSED_NUM_WARPS, enable_fp_fusion=False,
             )
+            # The kernel wrote the parameters through raw pointers: bump their autograd versions as an in-place op
+            # would, so version-keyed consumers (FP8 weight caches, saved-tensor checks) see the change.
+            torch.autograd.graph.increment_version([held[0] for _, _, held in items])
         self._pending = {}
 
 
