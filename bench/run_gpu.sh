@@ -24,7 +24,7 @@ case "${1:-checks}" in
     timeout 60 python bench/bench_optim.py --out "$OUT" --iters 10 2>&1 | tail -12 | tee "$OUT/optim.txt"
     timeout 130 python -m lowbit_amp --levels O0,O1,O2,O3,int8 --device cuda --n-layer 6 --n-embd 512 --n-head 8 \
       --steps 300 --batch-size 32 --quiet --json "$OUT/parity_6x512.json" 2>&1 | tail -15 | tee "$OUT/parity.txt"
-    timeout 130 python bench/bench_coat.py 2>&1 | tail -20 | tee "$OUT/coat.txt"
+    timeout 200 python bench/bench_coat.py 2>&1 | tail -40 | tee "$OUT/coat.txt"
     timeout 60 python bench/bench_recipes.py 2>&1 | tail -30 | tee "$OUT/recipes.txt"
     ;;
   int8)

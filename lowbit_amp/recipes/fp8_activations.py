@@ -301,7 +301,10 @@ class Fp8ActivationStorage:
                 nbytes = t.untyped_storage().nbytes()
                 stats.kept_bytes += nbytes
                 stats.kept_bytes_by_reason[reason] = stats.kept_bytes_by_reason.get(reason, 0) + nbytes
-        return t
+        # A non-leaf kept as is must be packed detached: packing the tensor object itself, when it is an output saved
+        # by its own node (SDPA, exp, sigmoid), makes node -> packed tensor -> grad_fn -> node a cycle through C++ that
+        # no garbage collector frees — every forward without a backward leaked its graph (found by bench_coat.py).
+        return t.detach() if t.grad_fn is not None else t
 
     def pack(self, t: torch.Tensor) -> Any:
         if not t.is_floating_point() or t.dtype in _EIGHT_BIT:
