@@ -340,28 +340,39 @@ def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: 
     return rows
 
 
-def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int, variant: str) -> None:
-    """Where the time goes in one lowbit step: top CUDA kernels, written to $OUT/profile_<tag>.txt."""
+def profiled_steps(variant: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int,
+                   steps: int = 2):  # type: ignore[no-untyped-def]
+    """A torch.profiler run of ``steps`` training steps of ``variant`` (each inside a ``## step ##`` record), after 4
+    warm-up steps and a synchronisation; the model is freed on return. Shared by :func:`profile` and
+    bench/trace_gaps.py."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     torch._dynamo.reset()
     torch.manual_seed(0)
+    torch.cuda.empty_cache()
     model, opt, _ = _make_variant(variant, dim, heads, ffn, layers)
     x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
 
     def step() -> None:
-        model(x).float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("## step ##"):
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     for _ in range(4):
         step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    return prof
+
+
+def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int, variant: str) -> None:
+    """Where the time goes in one lowbit step: top CUDA kernels, written to $OUT/profile_<tag>.txt."""
+    prof = profiled_steps(variant, dim, heads, ffn, layers, batch, seq)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"profile_{tag}_{variant}.txt"), "w") as f:

@@ -19,37 +19,16 @@ import shutil
 import sys
 import tempfile
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_all import _make_variant  # noqa: E402  (the anchor variants, built exactly as the e2e benchmark does)
+from bench_all import profiled_steps  # noqa: E402  (the anchor variants, built exactly as the e2e benchmark does)
 
 OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
-ANCHOR = dict(dim=4096, heads=32, ffn=14336, layers=2)
+ANCHOR = dict(dim=4096, heads=32, ffn=14336, layers=2, batch=2, seq=4096)
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def trace(variant: str) -> dict:
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    torch.cuda.empty_cache()
-    model, opt, _ = _make_variant(variant, **ANCHOR)
-    x = torch.randn(2, 4096, ANCHOR["dim"], device="cuda", dtype=torch.bfloat16)
-
-    def step() -> None:
-        with torch.profiler.record_function("## step ##"):
-            model(x).float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    for _ in range(4):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled_steps(variant, **ANCHOR, steps=2)
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "trace.json")
     prof.export_chrome_trace(path)
@@ -59,14 +38,13 @@ def trace(variant: str) -> dict:
     with open(path) as handle:
         events = json.load(handle)["traceEvents"]
     shutil.rmtree(tmp)
-    del model, opt
     return analyse(variant, events)
 
 
 def analyse(variant: str, events: list[dict], steps: int = 2) -> dict:
     """Gaps between consecutive GPU events over the whole profiled window (``steps`` steps; per-step figures are
-    averages). The host is ahead of the GPU at the window's start (warm-up steps ran before), so the first kernel is
-    the reference point; each gap is attributed to the innermost host op (any thread) that launched the kernel after
+    averages). The window starts right after a synchronisation (as the e2e benchmark's, every 4 steps), from an idle
+    GPU; the first kernel is the reference point. Each gap is attributed to the innermost host op (any thread) that launched the kernel after
     it — the op the GPU was waiting for."""
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and e.get("ph") == "X"), key=lambda e: e["ts"])
     launches = {e["args"].get("correlation"): e for e in events
