@@ -334,7 +334,7 @@ def test_torch_compile_is_refused_not_silently_wrong() -> None:
 def test_forward_without_backward_frees_its_graph() -> None:
     """Kept (non-packed) saved tensors are packed detached: packing an op's own saved output (SDPA, exp) as the
     tensor object made a reference cycle through C++ that leaked every graph without a backward (188 tensors after 3
-    forwards of this model before the fix; after it the count is the FP8 weight caches alone, the same for 3 or 9)."""
+    forwards of this model before the fix; after it the count stays flat)."""
     import gc
 
     torch.manual_seed(0)
@@ -349,6 +349,7 @@ def test_forward_without_backward_frees_its_graph() -> None:
         gc.collect()
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
-    base = live_tensors_after(1)
-    assert live_tensors_after(3) == base
-    assert live_tensors_after(6) == base
+    gc.collect()
+    first = live_tensors_after(2)
+    later = live_tensors_after(6)  # a leak adds ~60 tensors per forward of this model; other tests' garbage only shrinks
+    assert later - first < 20, f"{later - first} more live tensors after 6 more forwards without backward"
