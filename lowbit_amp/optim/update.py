@@ -299,6 +299,8 @@ class FusedAdamStep:
         self._plans: dict[int, tuple] = {}  # id(state) -> (state, spec, ident, state tensors, *_plan(...))
         self._compiling = False
         self._used: set[int] = set()  # ids of the states added since begin()
+        self._last: dict[tuple, list] = {}  # the last launch's groups (rows, alignment, parameter), for relaunch()
+        self.relaunches = 0  # steps served by relaunch() (observability; tests)
         self._tables: dict[tuple, tuple[list[int], torch.Tensor]] = {}
         self._chunks: dict[tuple, torch.Tensor] = {}
         self._pending: dict[tuple, list[tuple[list[int], tuple[torch.Tensor, ...]]]] = {}
@@ -454,7 +456,23 @@ class FusedAdamStep:
             # The kernel wrote the parameters through raw pointers: bump their autograd versions as an in-place op
             # would, so version-keyed consumers (FP8 weight caches, saved-tensor checks) see the change.
             torch.autograd.graph.increment_version([held[0] for _, _, held in items])
+        # kept for relaunch(): the rows and the parameters only (holding last step's gradients would keep them alive)
+        self._last = {key: [(row, aligned, (held[0],)) for row, aligned, held in items]
+                      for key, items in self._pending.items()}
         self._pending = {}
+
+    def can_replay(self) -> bool:
+        """Whether :meth:`relaunch` may repeat the last launch (not in the bit-exact mode, whose bias corrections are
+        computed from the queued tensors; not after a step that served some parameter elsewhere)."""
+        return bool(self._last) and not self.fallbacks and not FUSED_TORCH_BIAS_CORRECTION
+
+    def relaunch(self, ok: torch.Tensor) -> None:
+        """The last :meth:`launch` again, with a new finite flag: the caller checked that every address in the cached
+        tables (parameters, gradients, scales, states, hyper-parameters) is unchanged, so the device tables are reused
+        as they are and no per-parameter work runs."""
+        self._pending = self._last
+        self.relaunches += 1
+        self.launch(ok)
 
 
 _FUSED_STEPS: "weakref.WeakKeyDictionary[object, FusedAdamStep]" = weakref.WeakKeyDictionary()

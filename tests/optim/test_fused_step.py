@@ -55,8 +55,12 @@ MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float
 
 def run_pair(device: str, storage: dict, *, shapes=SHAPES, steps: int = 3, dtype=torch.bfloat16, grad: str = "e4m3",
              cls=LowBitAdamW, nan_step: int | None = None, extra: dict | None = None, seed: int = 0,
-             groups: bool = False) -> dict:
-    """Run fused and reference optimizers side by side; return comparison metrics (JSON-able)."""
+             groups: bool = False, persistent_grads: bool = False, halve_lr_at: int | None = None) -> dict:
+    """Run fused and reference optimizers side by side; return comparison metrics (JSON-able).
+
+    ``persistent_grads``: after the first step each FP8 gradient is rewritten in place (same addresses, as the caching
+    allocator usually gives every backward), which lets the fused optimizer re-launch the previous step's tables
+    (``relaunches`` counts it). ``halve_lr_at``: an LR-scheduler-like change of every group's lr before that step."""
     import lowbit_amp.optim.update as U
 
     extra = extra or {}
@@ -68,21 +72,30 @@ def run_pair(device: str, storage: dict, *, shapes=SHAPES, steps: int = 3, dtype
         opt = cls(spec, lr=1e-2, weight_decay=0.1, compile=None if fused else False, **storage, **extra)
         snapshots = []
         for i in range(steps):
+            if i == halve_lr_at:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
             for p in params:
                 g = torch.randn(p.shape, generator=gen).to(device) * (0.1 if i % 2 else 1e-3)
                 if i == nan_step and p is params[0]:
                     g[0] = float("nan")
                 if grad in ("e4m3", "e5m2"):
-                    p.grad = to_fp8_weight_grad(g, p, LinearConfig(weight_grad=grad))
+                    new = to_fp8_weight_grad(g, p, LinearConfig(weight_grad=grad))
+                    if persistent_grads and p.grad is not None:
+                        for old_part, new_part in zip(p.grad.codes_and_scale(), new.codes_and_scale()):
+                            old_part.copy_(new_part)
+                    else:
+                        p.grad = new
                 else:  # "plain": an ordinary gradient in the parameter's dtype
                     p.grad = g.to(dtype)
             before = [p.detach().clone() for p in params]
             opt.step()
             snapshots.append([torch.equal(b, p.detach()) for b, p in zip(before, params)])
         served = sum(1 for _ in params) - sum(U._FUSED_STEPS[opt].fallbacks.values()) if fused else 0
-        runs.append((params, opt, snapshots, served))
-    (pf, of, sf, served), (pr, orf, sr, _) = runs
-    out: dict = {"served": served, "n": len(shapes), "unchanged_fused": sf, "unchanged_ref": sr,
+        relaunches = U._FUSED_STEPS[opt].relaunches if fused else 0
+        runs.append((params, opt, snapshots, served, relaunches))
+    (pf, of, sf, served, relaunches), (pr, orf, sr, _, _) = runs
+    out: dict = {"served": served, "n": len(shapes), "unchanged_fused": sf, "unchanged_ref": sr, "relaunches": relaunches,
                  "param_equal": [], "param_ulps": [], "codes_equal": [], "decoded_ok": [], "parts_rel": [],
                  "steps_equal": True}
     for a, b in zip(pf, pr):
@@ -275,6 +288,30 @@ def test_interpreter_masters_grads_adam_skip_block96() -> None:
             assert out["unchanged_fused"][1] == [True] * out["n"]
 
 
+REPLAY_CASE = {"storage": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}, "groups": True,
+               "persistent_grads": True, "steps": 6, "halve_lr_at": 3, "nan_step": 4}
+
+
+def check_replay(out: dict) -> None:
+    """Steps 2.. re-launch the cached tables (gradients rewritten in place, an lr change in between: the hyper tensor
+    is updated in place, so its address holds) and still agree with the reference; the NaN step changes nothing."""
+    check(out, gpu_device=out.get("gpu", False), expand=False)
+    assert out["relaunches"] >= 3, out["relaunches"]
+    assert out["unchanged_fused"][4] == [True] * out["n"] and out["unchanged_ref"][4] == [True] * out["n"]
+
+
+@interp
+def test_interpreter_relaunch_with_persistent_gradients() -> None:
+    check_replay(_interpret(REPLAY_CASE))
+
+
+@gpu
+def test_gpu_relaunch_with_persistent_gradients() -> None:
+    out = run_pair("cuda", REPLAY_CASE["storage"], groups=True, persistent_grads=True, steps=6, halve_lr_at=3,
+                   nan_step=4)
+    check_replay({**out, "gpu": True})
+
+
 def test_fallback_rules_are_reported() -> None:
     """What the kernel does not serve is named (no silent switch): SGD, fp16 master, CPU, subclasses."""
     from lowbit_amp.optim.master import MasterWeights
@@ -318,7 +355,8 @@ def _main(case: dict) -> None:  # subprocess entry of the interpreter tests
     out = run_pair("cpu", case["storage"], dtype=getattr(torch, case.get("dtype", "bfloat16")),
                    grad=case.get("grad", "e4m3"), cls=LowBitAdam if case.get("adam") else LowBitAdamW,
                    nan_step=case.get("nan_step"), steps=case.get("steps", 2), extra=extra,
-                   shapes=[(33, 17), (5, 300), (7,)], groups=case.get("groups", False))
+                   shapes=[(33, 17), (5, 300), (7,)], groups=case.get("groups", False),
+                   persistent_grads=case.get("persistent_grads", False), halve_lr_at=case.get("halve_lr_at"))
     print(json.dumps(out))
 
 

@@ -146,3 +146,19 @@ def test_bad_inputs(gen: torch.Generator) -> None:
     sparse.grad = torch.zeros(4, 3).to_sparse()
     with pytest.raises(ConfigError, match="sparse"):
         LowBitAdamW([sparse]).step()
+
+
+def test_hyper_parameter_tensor_is_updated_in_place() -> None:
+    """An LR scheduler's change reaches the device vector in place: same tensor (its address sits in the fused
+    kernel's cached pointer table, which a re-launched step reuses), new values."""
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = LowBitAdamW([p], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    group = opt.param_groups[0]
+    first = opt._hyper(group, p.device)
+    assert first.tolist() == pytest.approx([1e-3, 0.9, 0.95, 1e-8, 0.1])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    p.grad = torch.ones(4, 4)
+    opt.step()
+    scheduler.step()
+    second = opt._hyper(group, p.device)
+    assert second is first and second[0].item() == pytest.approx(5e-4)
