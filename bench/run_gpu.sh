@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh int8     # INT8 Triton GEMM tests + benchmark
 #   bash bench/run_gpu.sh optim    # fused optimizer step tests + benchmark with the launch sweep and a profile
 #   bash bench/run_gpu.sh e2e      # bench_all.py e2e_big e2e_small (bf16 / lowbit O1 / torchao; eager and compiled)
+#   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O0/O2/O3, and O3 with the 8-bit second moment
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,7 +45,16 @@ case "${1:-checks}" in
     python bench/bench_all.py e2e_big e2e_small 2>&1 | grep -v "^{" | tail -30
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
+  parity)
+    # Multi-seed paired parity on the 6x512 SwiGLU TinyGPT (docs/optimizer.md): O2/O3 vs O0, then O3 with the 8-bit v.
+    # ~12 s per level and seed on an H200; SEEDS=6 by default (~4 min for both calls).
+    for extra in "" "--set optimizer.exp_avg_sq=e4m3_expand"; do
+      python -m lowbit_amp --levels O0,O2,O3 --seeds "${SEEDS:-6}" --eval-batches 32 --device cuda --n-layer 6 \
+        --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet $extra \
+        --json "$OUT/parity_6x512_seeds${extra:+_expand}.json" 2>&1 | tail -12
+    done
+    ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|int8|optim|e2e" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|int8|optim|e2e|parity" >&2; exit 2
     ;;
 esac
