@@ -56,7 +56,11 @@ def import_param_state(opt: LowBitOptimizer, group: dict[str, Any], param: torch
     device = param.device
     expected = opt.param_format(group)
     if saved.get("format") == expected:
-        return _copy_to(saved, device)
+        state = _copy_to(saved, device)
+        if state.get("master") and opt.master.uses_param(param.dtype):
+            # saved before an fp32 parameter held its bf16_sr master itself: the copy equals the parameter's values
+            state["master"] = {}
+        return state
     theirs = parse_format_tag(saved["format"]) if "format" in saved else {}
     if theirs and theirs["rule"] != opt.rule:
         raise ConfigError(

@@ -7,9 +7,9 @@ mode        stored                                           write-back
 ``fp32``    FP32 copy (blocks)                               master exact; parameter = nearest cast of it
 ``fp16``    FP16 codes + per-tensor power-of-2 scale         nearest; the power-of-2 scale keeps small weights out of
                                                              fp16's subnormals and rescaling never re-rounds
-``bf16_sr`` nothing if the parameter is bf16 (it *is* the    stochastic rounding onto the bf16 grid (Micikevicius et
-            master), else a bf16 copy                        al., "Mixed Precision Training With 8-bit Floating
-                                                             Point"): E[bf16 weight] = FP32 update, so updates far
+``bf16_sr`` nothing if the parameter is bf16 or fp32 (it   stochastic rounding onto the bf16 grid (Micikevicius et
+            holds every bf16 value exactly, so it *is* the   al., "Mixed Precision Training With 8-bit Floating
+            master), else (fp16) a bf16 copy                 Point"): E[bf16 weight] = FP32 update, so updates far
                                                              below bf16's ulp still move the weight on average
 ==========  ===============================================  ======================================================
 
@@ -61,7 +61,10 @@ class MasterWeights:
             raise ValueError(f"Unknown master_weights {self.mode!r}; valid modes are {list(MASTER_MODES)}.")
 
     def uses_param(self, param_dtype: torch.dtype) -> bool:
-        return self.mode == "none" or (self.mode == "bf16_sr" and param_dtype == torch.bfloat16)
+        """Whether the parameter itself holds the master. For ``bf16_sr`` an fp32 parameter does too: it stores the
+        stochastically rounded bf16 values exactly, so a separate bf16 copy would repeat them (2 B/param: what O3 on
+        an fp32 model, and on DeepSpeed ZeRO's fp32 partitions, used to keep)."""
+        return self.mode == "none" or (self.mode == "bf16_sr" and param_dtype in (torch.bfloat16, torch.float32))
 
     def init(self, w_blocks: torch.Tensor, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Parts of a master initialised from the FP32 ``(blocks, block_size)`` parameter values."""
@@ -92,8 +95,8 @@ class MasterWeights:
         if self.mode == "bf16_sr":
             noise = hash_uniform(w.numel(), step, salt, w.device).reshape(w.shape)
             rounded = round_stochastic(w, BF16, noise=noise).to(torch.bfloat16)
-            if param_dtype == torch.bfloat16:
-                return {}, rounded
+            if self.uses_param(param_dtype):
+                return {}, rounded.to(param_dtype)
             return {"value": rounded}, rounded.to(param_dtype)
         scale = compute_scale(amax(w), FP16, power_of_2=True)
         codes = quantize(w, scale, FP16)

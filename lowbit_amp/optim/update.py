@@ -427,8 +427,8 @@ class FusedAdamStep:
                 self._chunks[chunk_key] = chunks
             assert spec.exp_avg is not None and spec.exp_avg_sq is not None
             master = {"none": K.MASTER_PARAM_RN, "fp32": K.MASTER_FP32}.get(spec.master.mode)
-            if master is None:  # bf16_sr
-                master = K.MASTER_PARAM_SR if spec.param_dtype == torch.bfloat16 else K.MASTER_BF16_SR
+            if master is None:  # bf16_sr: the parameter is the master (bf16, fp32) or a bf16 copy is (fp16)
+                master = K.MASTER_PARAM_SR if spec.master.uses_param(spec.param_dtype) else K.MASTER_BF16_SR
             scratch = self._scratch.get(key)
             if scratch is None or scratch.shape[0] < len(rows):
                 scratch = self._scratch[key] = torch.empty((len(rows), int(K.SCRATCH_COLS)), device=device)

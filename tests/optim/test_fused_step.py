@@ -271,6 +271,7 @@ def test_interpreter_every_moment_format(m: str, v: str) -> None:
 def test_interpreter_masters_grads_adam_skip_block96() -> None:
     cases = [
         {"storage": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "fp32"}, "dtype": "float32"},
+        {"storage": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}, "dtype": "float32"},
         {"storage": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}, "dtype": "float16",
          "grad": "e5m2"},
         {"storage": {"exp_avg": "bf16", "exp_avg_sq": "fp16", "master_weights": "none"}, "grad": "plain"},

@@ -162,3 +162,32 @@ def test_hyper_parameter_tensor_is_updated_in_place() -> None:
     scheduler.step()
     second = opt._hyper(group, p.device)
     assert second is first and second[0].item() == pytest.approx(5e-4)
+
+
+def test_fp32_parameter_is_its_own_bf16_sr_master(gen: torch.Generator) -> None:
+    """An fp32 parameter holds the bf16 grid exactly, so ``bf16_sr`` keeps no copy for it (2 B/param less than before)
+    and steps it exactly as the same weights stored in bf16: same stochastic-rounding stream, same values. A state
+    saved with the old copy loads, drops it, and keeps stepping identically."""
+    start = [p.detach().to(torch.bfloat16) for p in _params(gen)]
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        params = [nn.Parameter(w.to(dtype, copy=True)) for w in start]
+        opt = LowBitAdamW(params, lr=1e-2, exp_avg="e4m3", exp_avg_sq="fp16", master_weights="bf16_sr")
+        grads = torch.Generator().manual_seed(3)
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads).to(torch.bfloat16).to(dtype)  # the same values
+            opt.step()
+            if step == 2 and dtype == torch.float32:  # the pre-change layout: a bf16 copy beside the fp32 weights
+                saved = opt.state_dict()
+                for index, p in enumerate(params):
+                    blocks = opt.state[p]["exp_avg"]["codes"].shape
+                    flat = torch.nn.functional.pad(p.detach().reshape(-1), (0, blocks.numel() - p.numel()))
+                    saved["state"][index]["master"] = {"value": flat.view(blocks).to(torch.bfloat16)}
+                opt.load_state_dict(saved)
+                assert all(opt.state[p]["master"] == {} for p in params)
+        runs[dtype] = (params, opt)
+    for a, b in zip(runs[torch.bfloat16][0], runs[torch.float32][0]):
+        assert torch.equal(a.detach().float(), b.detach())
+    opt32 = runs[torch.float32][1]
+    assert all(opt32.state[p]["master"] == {} for p in runs[torch.float32][0])
