@@ -40,7 +40,8 @@ EXP_AVG_SQ_FORMATS = ("fp32", "fp16", "e4m3_expand")
 
 class _Replay:
     """What :meth:`LowBitOptimizer._replayed` checks before re-launching a step: per parameter (param, its state dict,
-    the ids of its state tensors, gradient-codes and scale addresses), per group (group, device, hyper tensor, flags)."""
+    the ids of its state tensors, gradient-codes and scale addresses, the parameter's own address — ``p.data = ...``
+    moves it), per group (group, device, hyper tensor, flags)."""
 
     __slots__ = ("entries", "fused", "hypers")
 
@@ -279,13 +280,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 for dim in range(mesh.ndim):
                     dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
             ok = bad == 0
-        if self.skipped_steps is None:
-            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped_steps += (~ok).to(torch.int64)
-        if self.nonfinite == "error" and not bool(ok):
-            raise FloatingPointError(
-                "A gradient holds inf/NaN; the optimizer step was not applied. Use loss scaling "
-                "(loss_scaling.mode='dynamic') or nonfinite='skip' to skip such steps instead.")
+        self._count_skip(ok, device)
         hypers: dict[tuple[int, torch.device], torch.Tensor] = {}
         ones: dict[torch.device, torch.Tensor] = {}
         positions: dict[int, int] | None = None  # built only on a step that initialises state
@@ -331,7 +326,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
             fused.launch(ok)
         if all_fused and fused is not None and fused.can_replay():
             self._replay = _Replay(
-                fused, [(p, self.state[p], _state_tensors(self.state[p]), c.data_ptr(), s.data_ptr())
+                fused, [(p, self.state[p], _state_tensors(self.state[p]), c.data_ptr(), s.data_ptr(), p.data_ptr())
                         for _, p, c, s in work],
                 [(g, d, t, self._flags(g)) for (gid, d), t in hypers.items()
                  for g in self.param_groups if id(g) == gid])
@@ -345,8 +340,9 @@ class LowBitOptimizer(torch.optim.Optimizer):
         parameter on a CPU, host time that a GPU step of a model with hundreds of parameters waits for (256
         parameters of 1024²: 3.3 ms pipelined vs torch's 1.4, H200, 2026-12-01). The caching allocator usually
         hands every backward the same gradient addresses, so most steps qualify; checking them costs ~2 µs per
-        parameter. Anything that moved (a new parameter with a gradient, a freed one, load_state_dict, a dtype or
-        flag change, a DTensor or plain gradient) takes the full step, which records a new replay."""
+        parameter. Anything that moved (a new parameter with a gradient, a freed one, ``p.data`` rebound,
+        load_state_dict, a dtype or flag change, a DTensor or plain gradient) takes the full step, which records a new
+        replay."""
         entries, i, scales = replay.entries, 0, []
         for group in self.param_groups:
             self._check_group(group)
@@ -358,8 +354,9 @@ class LowBitOptimizer(torch.optim.Optimizer):
                     return False
                 entry = entries[i]
                 codes, scale = grad.codes_and_scale()
-                if (entry[0] is not param or codes.data_ptr() != entry[3] or scale.data_ptr() != entry[4]
-                        or self.state.get(param) is not entry[1] or _state_tensors(entry[1]) != entry[2]):
+                if (entry[0] is not param or param.data_ptr() != entry[5] or codes.data_ptr() != entry[3]
+                        or scale.data_ptr() != entry[4] or self.state.get(param) is not entry[1]
+                        or _state_tensors(entry[1]) != entry[2]):
                     return False
                 scales.append(scale)
                 i += 1
@@ -370,14 +367,19 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 return False
         device = entries[0][0].device
         ok = all_finite(scales, device)
-        assert self.skipped_steps is not None
+        self._count_skip(ok, device)
+        replay.fused.relaunch(ok)
+        return True
+
+    def _count_skip(self, ok: torch.Tensor, device: torch.device) -> None:
+        """``skipped_steps += not ok`` (on the device, no sync); with ``nonfinite='error'`` a skipped step raises."""
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps += (~ok).to(torch.int64)
         if self.nonfinite == "error" and not bool(ok):
             raise FloatingPointError(
                 "A gradient holds inf/NaN; the optimizer step was not applied. Use loss scaling "
                 "(loss_scaling.mode='dynamic') or nonfinite='skip' to skip such steps instead.")
-        replay.fused.relaunch(ok)
-        return True
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

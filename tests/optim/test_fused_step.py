@@ -55,12 +55,14 @@ MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float
 
 def run_pair(device: str, storage: dict, *, shapes=SHAPES, steps: int = 3, dtype=torch.bfloat16, grad: str = "e4m3",
              cls=LowBitAdamW, nan_step: int | None = None, extra: dict | None = None, seed: int = 0,
-             groups: bool = False, persistent_grads: bool = False, halve_lr_at: int | None = None) -> dict:
+             groups: bool = False, persistent_grads: bool = False, halve_lr_at: int | None = None,
+             rebind_at: int | None = None) -> dict:
     """Run fused and reference optimizers side by side; return comparison metrics (JSON-able).
 
     ``persistent_grads``: after the first step each FP8 gradient is rewritten in place (same addresses, as the caching
     allocator usually gives every backward), which lets the fused optimizer re-launch the previous step's tables
-    (``relaunches`` counts it). ``halve_lr_at``: an LR-scheduler-like change of every group's lr before that step."""
+    (``relaunches`` counts it). ``halve_lr_at``: an LR-scheduler-like change of every group's lr before that step.
+    ``rebind_at``: every parameter's storage is replaced (``p.data = p.data.clone()``) before that step."""
     import lowbit_amp.optim.update as U
 
     extra = extra or {}
@@ -75,6 +77,9 @@ def run_pair(device: str, storage: dict, *, shapes=SHAPES, steps: int = 3, dtype
             if i == halve_lr_at:
                 for group in opt.param_groups:
                     group["lr"] *= 0.5
+            if i == rebind_at:
+                for p in params:
+                    p.data = p.data.clone()
             for p in params:
                 g = torch.randn(p.shape, generator=gen).to(device) * (0.1 if i % 2 else 1e-3)
                 if i == nan_step and p is params[0]:
@@ -290,12 +295,13 @@ def test_interpreter_masters_grads_adam_skip_block96() -> None:
 
 
 REPLAY_CASE = {"storage": {"exp_avg": "e4m3", "exp_avg_sq": "fp16", "master_weights": "bf16_sr"}, "groups": True,
-               "persistent_grads": True, "steps": 6, "halve_lr_at": 3, "nan_step": 4}
+               "persistent_grads": True, "steps": 7, "halve_lr_at": 3, "nan_step": 4, "rebind_at": 5}
 
 
 def check_replay(out: dict) -> None:
     """Steps 2.. re-launch the cached tables (gradients rewritten in place, an lr change in between: the hyper tensor
-    is updated in place, so its address holds) and still agree with the reference; the NaN step changes nothing."""
+    is updated in place, so its address holds) and still agree with the reference; the NaN step changes nothing; after
+    the parameters' storages are replaced the full step runs again (the kernel must write the new storage)."""
     check(out, gpu_device=out.get("gpu", False), expand=False)
     assert out["relaunches"] >= 3, out["relaunches"]
     assert out["unchanged_fused"][4] == [True] * out["n"] and out["unchanged_ref"][4] == [True] * out["n"]
@@ -308,8 +314,8 @@ def test_interpreter_relaunch_with_persistent_gradients() -> None:
 
 @gpu
 def test_gpu_relaunch_with_persistent_gradients() -> None:
-    out = run_pair("cuda", REPLAY_CASE["storage"], groups=True, persistent_grads=True, steps=6, halve_lr_at=3,
-                   nan_step=4)
+    out = run_pair("cuda", REPLAY_CASE["storage"], groups=True, persistent_grads=True, steps=7, halve_lr_at=3,
+                   nan_step=4, rebind_at=5)
     check_replay({**out, "gpu": True})
 
 
@@ -357,7 +363,8 @@ def _main(case: dict) -> None:  # subprocess entry of the interpreter tests
                    grad=case.get("grad", "e4m3"), cls=LowBitAdam if case.get("adam") else LowBitAdamW,
                    nan_step=case.get("nan_step"), steps=case.get("steps", 2), extra=extra,
                    shapes=[(33, 17), (5, 300), (7,)], groups=case.get("groups", False),
-                   persistent_grads=case.get("persistent_grads", False), halve_lr_at=case.get("halve_lr_at"))
+                   persistent_grads=case.get("persistent_grads", False), halve_lr_at=case.get("halve_lr_at"),
+                   rebind_at=case.get("rebind_at"))
     print(json.dumps(out))
 
 
