@@ -196,9 +196,9 @@ FUSED_EXACT_POW = False
 FUSED_TORCH_BIAS_CORRECTION = False
 #: The per-element ``sqrt(v) / bc2``, ``m / denom`` (and e4m3_expand's ``|v| / max``) with the hardware's approximate
 #: division/square root (``div.full``/``sqrt.approx``, ≤ 2 ulp of FP32) instead of the IEEE sequences: the IEEE ones
-#: made the kernel instruction-bound — 1.67 -> 1.45 ms per 256M-parameter O3 step (H200, bench/bench_optim.py --sweep,
-#: 2026-12-01), for an FP32 update that differs by ≤ 2 ulp before it is rounded to bf16 (bit-identical weights:
-#: 0.998845 vs 0.998847 of the IEEE kernel against the eager reference). Off in the bit-exact mode
+#: made the kernel instruction-bound — 1.472 -> 1.304 ms per 256M-parameter O3 step, pipelined (H200,
+#: bench/bench_optim.py --sweep, 2026-12-01), for an FP32 update that differs by ≤ 2 ulp before it is rounded to bf16
+#: (bit-identical weights: 0.998845 vs 0.998847 of the IEEE kernel against the eager reference). Off in the bit-exact mode
 #: (``FUSED_TORCH_BIAS_CORRECTION``), which reproduces the reference bit for bit.
 FUSED_FAST_MATH = True
 #: Test hook: serve CPU parameters too, through Triton's interpreter (needs TRITON_INTERPRET=1 before Triton loads).
