@@ -9,41 +9,16 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
-import lowbit_amp as amp
-from lowbit_amp.data import BatchSampler, load_stdlib_corpus
-from lowbit_amp.models import TinyGPT, TinyGPTConfig
-
-STEPS = 120
-CFG = TinyGPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, mlp="swiglu")
-
-
-@functools.lru_cache(maxsize=None)
-def corpus():  # type: ignore[no-untyped-def]
-    return load_stdlib_corpus(max_bytes=1 << 20)
+from lowbit_amp.parity import parity_run
 
 
 @functools.lru_cache(maxsize=None)
 def run(level: str) -> tuple[float, float, list[float]]:
-    torch.manual_seed(0)
-    data = corpus()
-    model = TinyGPT(CFG, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    model, opt = amp.initialize(model, opt, opt_level=level)
-    sampler = BatchSampler(data.train, 16, CFG.block_size, torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(STEPS):
-        x, y = sampler.sample()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    val = BatchSampler(data.val, 32, CFG.block_size, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        val_loss = sum(model(*val.sample())[1].item() for _ in range(4)) / 4
-    return sum(losses[-10:]) / 10, val_loss, losses
+    """The shared parity recipe (lowbit_amp/parity.py) at seed 0: (mean of the last 10 train losses, held-out loss,
+    losses)."""
+    result = parity_run(level)
+    return result.train_last10, result.val_loss, result.losses
 
 
 def test_o0_learns() -> None:

@@ -1,5 +1,5 @@
-"""O3's second-moment formats compared over seeds on CPU: val loss vs O0, paired per seed (the setup of
-tests/test_convergence.py: TinyGPT 2x64 SwiGLU, 120 steps, AdamW lr 3e-3, stdlib bytes).
+"""O3's second-moment formats compared over seeds on CPU: val loss vs O0, paired per seed (the parity recipe of
+tests/test_convergence.py, lowbit_amp/parity.py: TinyGPT 2x64 SwiGLU, 120 steps, AdamW lr 3e-3, stdlib bytes).
 
 Run: python tools/v_codec_seeds.py 0,1,2,3,4,5        (~10 s per run on one CPU thread; 3 runs per seed)
 
@@ -16,39 +16,20 @@ import sys
 
 import torch
 
-import lowbit_amp as amp
-from lowbit_amp.data import BatchSampler, load_stdlib_corpus
-from lowbit_amp.models import TinyGPT, TinyGPTConfig
-
-CFG = TinyGPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, mlp="swiglu")
-STEPS = 120
+from lowbit_amp.parity import parity_run
 
 
-def val_loss(level: str, seed: int, data, overrides: dict) -> float:  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    model = TinyGPT(CFG, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    model, opt = amp.initialize(model, opt, opt_level=level, overrides=overrides)
-    sampler = BatchSampler(data.train, 16, CFG.block_size, torch.Generator().manual_seed(seed))
-    for _ in range(STEPS):
-        x, y = sampler.sample()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    val = BatchSampler(data.val, 32, CFG.block_size, torch.Generator().manual_seed(1))  # the same batches for all
-    with torch.no_grad():
-        return sum(model(*val.sample())[1].item() for _ in range(4)) / 4
+def val_loss(level: str, seed: int, overrides: dict) -> float:
+    return parity_run(level, seed=seed, overrides=overrides).val_loss
 
 
 def main(seeds: list[int]) -> None:
     torch.set_num_threads(1)
-    data = load_stdlib_corpus(max_bytes=1 << 20)
     gaps = []
     for seed in seeds:
-        base = val_loss("O0", seed, data, {})
-        fp16 = val_loss("O3", seed, data, {"optimizer.exp_avg_sq": "fp16"}) / base - 1
-        expand = val_loss("O3", seed, data, {"optimizer.exp_avg_sq": "e4m3_expand"}) / base - 1
+        base = val_loss("O0", seed, {})
+        fp16 = val_loss("O3", seed, {"optimizer.exp_avg_sq": "fp16"}) / base - 1
+        expand = val_loss("O3", seed, {"optimizer.exp_avg_sq": "e4m3_expand"}) / base - 1
         gaps.append(expand - fp16)
         print(f"seed {seed}: O0 val {base:.4f}  O3 fp16 v {100 * fp16:+.2f}%  O3 e4m3_expand v {100 * expand:+.2f}%",
               flush=True)

@@ -26,6 +26,7 @@ import lowbit_amp as amp
 from lowbit_amp.config import ConfigError
 from lowbit_amp.levels import PRESETS
 from lowbit_amp.models import TinyGPT, TinyGPTConfig
+from lowbit_amp.parity import PARITY_CONFIG
 from lowbit_amp.quant.cast import compute_scale, dequantize, quantize
 from lowbit_amp.quant.metrics import sqnr_db
 from lowbit_amp.recipes.fp8_activations import (
@@ -210,7 +211,7 @@ def test_swiglu_block_gradients_vs_float64(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tiny GPT
-CFG = TinyGPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, mlp="swiglu")
+CFG = PARITY_CONFIG  # the parity recipe's model (lowbit_amp/parity.py)
 
 
 def _hp_saved_bytes(model: nn.Module, idx: torch.Tensor) -> int:
@@ -247,31 +248,16 @@ def test_tiny_gpt_saved_bytes_reduction(level: str, floor: float) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _train(level: str, fp8_activations: bool, steps: int = 120) -> tuple[float, float]:
-    """Same recipe as tests/test_convergence.py: mean of the last 10 train losses and a held-out loss."""
-    from lowbit_amp.data import BatchSampler, load_stdlib_corpus
+def _train(level: str, fp8_activations: bool) -> tuple[float, float]:
+    """The parity recipe of tests/test_convergence.py (lowbit_amp/parity.py): mean of the last 10 train losses and a
+    held-out loss."""
+    from lowbit_amp.parity import parity_run
 
-    torch.manual_seed(0)
-    data = load_stdlib_corpus(max_bytes=1 << 20)
-    model = TinyGPT(CFG, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    extra = {"activations": {"storage": "fp8", "min_numel": 4096}} if fp8_activations else {}
-    model, opt = amp.initialize(model, opt, opt_level=level, **extra)
-    sampler = BatchSampler(data.train, 16, CFG.block_size, torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(steps):
-        x, y = sampler.sample()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    extra = {"activations.storage": "fp8", "activations.min_numel": 4096} if fp8_activations else {}
+    result = parity_run(level, overrides=extra)
     if fp8_activations:
-        assert storage_of(model).stats.packed_tensors > 0
-    val = BatchSampler(data.val, 32, CFG.block_size, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        val_loss = sum(model(*val.sample())[1].item() for _ in range(4)) / 4
-    return sum(losses[-10:]) / 10, val_loss
+        assert storage_of(result.model).stats.packed_tensors > 0
+    return result.train_last10, result.val_loss
 
 
 def test_tiny_gpt_training_within_2_percent_of_o0() -> None:
