@@ -5,7 +5,7 @@
 #   bash bench/run_gpu.sh int8     # INT8 Triton GEMM tests + benchmark
 #   bash bench/run_gpu.sh optim    # fused optimizer step tests + benchmark with the launch sweep and a profile
 #   bash bench/run_gpu.sh e2e      # bench_all.py e2e_big e2e_small (bf16 / lowbit O1 / torchao; eager and compiled)
-#   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O0/O2/O3, and O3 with the 8-bit second moment
+#   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3, O3 with the 8-bit v (configs/O3_fp8_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,13 +46,11 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   parity)
-    # Multi-seed paired parity on the 6x512 SwiGLU TinyGPT (docs/optimizer.md): O2/O3 vs O0, then O3 with the 8-bit v.
-    # ~12 s per level and seed on an H200; SEEDS=6 by default (~4 min for both calls).
-    for extra in "" "--set optimizer.exp_avg_sq=e4m3_expand"; do
-      python -m lowbit_amp --levels O0,O2,O3 --seeds "${SEEDS:-6}" --eval-batches 32 --device cuda --n-layer 6 \
-        --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet $extra \
-        --json "$OUT/parity_6x512_seeds${extra:+_expand}.json" 2>&1 | tail -12
-    done
+    # Multi-seed paired parity on the 6x512 SwiGLU TinyGPT (docs/optimizer.md): O2, O3 and O3 with the 8-bit second
+    # moment (configs/O3_fp8_v.yaml) vs O0, same seeds. ~12 s per level and seed on an H200: SEEDS=6 -> ~5 min.
+    python -m lowbit_amp --levels O0,O2,O3,configs/O3_fp8_v.yaml --seeds "${SEEDS:-6}" --eval-batches 32 \
+      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/parity_6x512_seeds.json" 2>&1 | tail -14
     ;;
   *)
     echo "usage: bash bench/run_gpu.sh checks|int8|optim|e2e|parity" >&2; exit 2
