@@ -70,16 +70,23 @@ def initialize(
             optimizer with the same param groups and hyper-parameters; use the returned one.
         opt_level: ``"O0"``–``"O3"``, ``"int8"``, a YAML path, or a :class:`LowBitConfig`.
         **overrides: config overrides applied last, as sections (``linear={"weight_grad": "e5m2"}``) or dotted keys
-            passed through ``overrides={"linear.weight_grad": "e5m2"}``.
+            passed through ``overrides={"linear.weight_grad": "e5m2"}``. The ``optimizer`` section shares its name
+            with the ``optimizer`` argument, so pass it as ``optimizer_config={...}`` (or dotted keys).
 
     Returns:
         ``(model, optimizer)``, or just ``model`` when ``optimizer`` is None (apex's convention).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"amp.initialize expects an nn.Module as model, got {type(model).__name__}.")
+    if isinstance(optimizer, dict):
+        raise TypeError(
+            "amp.initialize's `optimizer` argument is the torch optimizer; to override the config's optimizer section "
+            "pass optimizer_config={...} (or overrides={'optimizer.exp_avg_sq': ...}).")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"amp.initialize expects a torch.optim.Optimizer (or None), got {type(optimizer).__name__}.")
     flat = dict(overrides.pop("overrides", None) or {})
+    if "optimizer_config" in overrides:  # the `optimizer` section under a name that does not clash with the argument
+        overrides["optimizer"] = overrides.pop("optimizer_config")
     flat.update(overrides)
     config = resolve_config(opt_level, flat)
     _check_capability(config, _model_device(model))

@@ -210,3 +210,14 @@ def test_fused_optimizer_updates_reach_the_fp8_weights(level: str) -> None:
     assert losses[True][-1] < 0.9 * losses[True][0], f"fused AdamW did not train: {losses[True]}"
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) <= 1e-3 * abs(b), (losses[True], losses[False])
+
+
+def test_optimizer_section_is_passed_as_optimizer_config() -> None:
+    """The config's ``optimizer`` section cannot be a keyword of ``initialize`` (its second parameter is the torch
+    optimizer): ``optimizer_config=`` is the keyword, and a dict given as the optimizer gets an error naming it."""
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _, low = amp.initialize(model, opt, opt_level="O3", optimizer_config={"exp_avg_sq": "e4m3_expand"})
+    assert low.exp_avg_sq_codec.name == "e4m3_expand"
+    with pytest.raises(TypeError, match="optimizer_config"):
+        amp.initialize(Net(), opt_level="O3", optimizer={"exp_avg_sq": "e4m3_expand"})
