@@ -181,7 +181,28 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
         rows.append(bench(name, storage, many, device, with_parity=False))
         print(f"  {name}: {rows[-1]['step_ms_median']:.3f} ms", flush=True)
     profile_step(O3, args, device)
+    print_kernel_resources()
     return rows
+
+
+def print_kernel_resources() -> None:
+    """Registers, spills and shared memory of every compiled variant of the fused AdamW kernel (what limits its
+    occupancy: the E4M3-expand variant is compute-heavier than its instruction count explains). Reads Triton's
+    per-device kernel cache; prints nothing it cannot find (the cache layout differs across Triton versions)."""
+    from lowbit_amp.kernels import adam_triton as K  # noqa: N812
+
+    for name, fn in (("fused_adam_kernel", K.fused_adam_kernel), ("fused_adam_prologue", K.fused_adam_prologue)):
+        for caches in getattr(fn, "device_caches", {}).values():
+            kernel_cache = caches[0] if isinstance(caches, tuple) else caches
+            for key, kernel in getattr(kernel_cache, "items", lambda: [])():
+                try:
+                    kernel._init_handles()
+                except Exception:  # noqa: BLE001  (older/newer Triton: attributes may already be set, or differ)
+                    pass
+                constexprs = dict(getattr(kernel, "constants", None) or {})
+                print(f"  {name}: regs={getattr(kernel, 'n_regs', '?')} spills={getattr(kernel, 'n_spills', '?')} "
+                      f"shared={getattr(kernel.metadata, 'shared', '?')} warps={getattr(kernel.metadata, 'num_warps', '?')} "
+                      f"{str(constexprs or key)[:160]}", flush=True)
 
 
 def profile_step(storage: dict, args: argparse.Namespace, device: torch.device) -> None:
