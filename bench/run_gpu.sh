@@ -50,7 +50,8 @@ case "${1:-checks}" in
   parity)
     # Multi-seed paired parity on the 6x512 SwiGLU TinyGPT (docs/optimizer.md): O2, O3 and O3 with the 8-bit second
     # moment (configs/O3_fp8_v.yaml) vs O0, same seeds. ~12 s per level and seed on an H200: SEEDS=6 -> ~5 min.
-    python -m lowbit_amp --levels O0,O2,O3,configs/O3_fp8_v.yaml --seeds "${SEEDS:-6}" --eval-batches 32 \
+    # LEVELS=O0,int8,bench/configs/int8_nofallback.yaml: the INT8 fallback ablation (issue 5) instead.
+    python -m lowbit_amp --levels "${LEVELS:-O0,O2,O3,configs/O3_fp8_v.yaml}" --seeds "${SEEDS:-6}" --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_6x512_seeds.json" 2>&1 | tail -14
     ;;
