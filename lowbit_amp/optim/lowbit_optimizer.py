@@ -249,7 +249,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 loss = closure()
         replay = self.__dict__.get("_replay")
         if replay is not None:
-            if self._replayed(replay):
+            if replay.fused.can_replay() and self._replayed(replay):
                 return loss
             self._replay = None
         work = []
