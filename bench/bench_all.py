@@ -267,6 +267,16 @@ E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "b
                       "lowbit_O1_all_compile", "torchao_tensorwise_compile"]
 
 
+def anchor_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
+    """One training step of the anchor protocol (shared/anchors/anchor_gpu.py): mean-square loss of the output,
+    backward, optimizer step, gradients set to None. Shared by every benchmark that times or profiles the anchor."""
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _time_variant(name: str, tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int) -> dict:
     """One variant's step time (anchor protocol) and peak memory; its model is freed on return."""
     torch._dynamo.reset()
@@ -277,11 +287,7 @@ def _time_variant(name: str, tag: str, dim: int, heads: int, ffn: int, layers: i
     x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:
-        loss = model(x).float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return anchor_step(model, opt, x)
 
     t0 = time.time()
     for _ in range(3):
@@ -356,9 +362,7 @@ def profiled_steps(variant: str, dim: int, heads: int, ffn: int, layers: int, ba
 
     def step() -> None:
         with torch.profiler.record_function("## step ##"):
-            model(x).float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            anchor_step(model, opt, x)
 
     for _ in range(4):
         step()

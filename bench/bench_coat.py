@@ -54,7 +54,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_all import Block  # noqa: E402  (the anchor's Llama-style block, shared with bench_all.py)
+from bench_all import Block, anchor_step  # noqa: E402  (the anchor's block and training step, as bench_all.py)
 
 import lowbit_amp as amp  # noqa: E402
 from lowbit_amp.recipes.fp8_activations import storage_of, weight_cache_ptrs  # noqa: E402
@@ -170,11 +170,7 @@ def e2e(variant: str, shape: dict, dev: torch.device, steps: int) -> dict:
     x = torch.randn(shape["batch"], shape["seq"], shape["dim"], device=dev, dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:
-        loss = model(x).float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return anchor_step(model, opt, x)
 
     t0 = time.perf_counter()
     for _ in range(3):
