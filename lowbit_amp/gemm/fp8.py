@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit_amp.capability import uses_tensor_cores
-from lowbit_amp.gemm.scaled_mm_op import scaled_mm_nt
+import lowbit_amp.gemm.scaled_mm_op  # noqa: F401  (registers lowbit_amp::scaled_mm_nt)
 from lowbit_amp.quant.cast import dequantize
 from lowbit_amp.quant.granularity import Granularity
 
@@ -80,7 +80,7 @@ def fp8_mm_nt(
     else:
         bias_arg, bias_after = (bias.to(out_dtype) if bias is not None else None), None
     if torch.compiler.is_compiling():  # opaque to Inductor's scaled-mm lowering; see lowbit_amp/gemm/scaled_mm_op.py
-        out = scaled_mm_nt(a, b, scale_a, scale_b, bias_arg, out_dtype, fast_accum)
+        out = torch.ops.lowbit_amp.scaled_mm_nt(a, b, scale_a, scale_b, bias_arg, out_dtype, fast_accum)
     else:
         out = torch._scaled_mm(
             a, b.t(), scale_a=scale_a, scale_b=scale_b, bias=bias_arg, out_dtype=out_dtype, use_fast_accum=fast_accum
