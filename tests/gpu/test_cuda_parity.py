@@ -1,5 +1,5 @@
 """GPU-only: the CUDA path (tensor-core ``_scaled_mm``, CUDA casts) against the CPU reference, bit for bit where the
-math is the same and within stated tolerances where only accumulation order differs. Skipped without CUDA."""
+math is the same (casts) and within stated tolerances where the accumulation differs (GEMMs). Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -42,4 +42,9 @@ def test_scaled_mm_matches_emulation(shape, gran) -> None:  # type: ignore[no-un
     qa, qb = quantize(a, sa, E4M3, gran), quantize(b, sb, E4M3, gran)
     ref = fp8_mm_nt(qa, sa, qb, sb, torch.float32, gran)  # CPU emulation
     got = fp8_mm_nt(qa.cuda(), sa.cuda(), qb.cuda(), sb.cuda(), torch.float32, gran).cpu()
-    assert sqnr_db(ref, got) > 100.0  # same products, FP32 accumulation: only summation order differs
+    # Not bit-equal and not ~FP32-equal: Hopper's FP8 tensor cores add products with a reduced-precision accumulator
+    # (~14 mantissa bits, DeepSeek-V3 sec. 3.3.2) before cuBLAS promotes partial sums to FP32, so the GPU sits ~1e-4
+    # relative from the FP32-accumulated emulation: 77.9-79 dB on an H200 for every shape here, K=128 included
+    # (2026-12-01; the earlier 100 dB floor assumed FP32 accumulation throughout and failed). 70 dB still sits ~40 dB
+    # above the FP8 quantization error itself (~31 dB), so a wrong scale, layout or format fails by a wide margin.
+    assert sqnr_db(ref, got) > 70.0
