@@ -7,7 +7,7 @@ Usage:
     PYTHONPATH=. python bench/bench_coat.py --tiny       # any device (CPU here): a small shape, a few steps, same code
     options: --sections e2e,parity   --steps N (timed steps per variant)   --variants bf16,O1,O1+fp8act,...
 
-Variants (same batch, same data), named ``LEVEL[e][+fp8act]``:
+Variants (same batch, same data), named ``LEVEL[e][+fp8act][+nocache]``:
     bf16          the plain model, torch.optim.AdamW (fused on CUDA)
     O1            amp.initialize(..., "O1")
     O1+fp8act     O1 + activations.storage=fp8 (this recipe)
@@ -16,6 +16,7 @@ Variants (same batch, same data), named ``LEVEL[e][+fp8act]``:
                   ``use_compile = False`` to skip compile time; that selects the eager reference update *and* turns the
                   fused kernel off, which is why O3 measured 147 ms/step against O1's 31 on the H200, 2026-12-01.)
     O3e+fp8act    O3+fp8act with the 8-bit second moment too (``optimizer.exp_avg_sq: e4m3_expand``)
+    ...+nocache   ``linear.weight_cache: none``: no FP8 weight copy held (W cast per forward, Wᵀ re-cast in backward)
 
 Each e2e variant runs in its own Python subprocess (``--one-variant``, which writes one JSON record the parent
 collects): run one after another in one process, the memory held between steps grew 2.84 -> 15.74 GiB from the first
@@ -62,7 +63,7 @@ from lowbit_amp.recipes.fp8_activations import storage_of, weight_cache_ptrs  # 
 OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
 ANCHOR = dict(dim=4096, heads=32, ffn=14336, layers=2, batch=2, seq=4096)
 TINY = dict(dim=256, heads=4, ffn=896, layers=2, batch=2, seq=128)
-VARIANTS = ["bf16", "O1", "O1+fp8act", "O3", "O3+fp8act", "O3e+fp8act"]
+VARIANTS = ["bf16", "O1", "O1+fp8act", "O3", "O3+fp8act", "O3e+fp8act", "O3e+nocache", "O3e+fp8act+nocache"]
 
 
 def _sync(dev: torch.device) -> None:
@@ -71,23 +72,26 @@ def _sync(dev: torch.device) -> None:
 
 
 def _initialize(model, opt, variant: str, **activations):  # type: ignore[no-untyped-def]
-    """``amp.initialize`` for a variant named ``LEVEL[e][+fp8act]`` (``bf16``: unchanged). Every block linear runs in
+    """``amp.initialize`` for a variant named ``LEVEL[e][+fp8act][+nocache]`` (``bf16``: unchanged). Every block linear runs in
     FP8 on CPU and GPU alike (``min_gemm_size=0``); ``e`` stores the optimizer's second moment in E4M3 with range
     expansion; ``+fp8act`` stores saved activations in FP8, with ``activations`` as extra fields of that section.
     Dotted keys through ``overrides=``: the config's ``optimizer`` section cannot be a keyword of ``amp.initialize``,
     whose second parameter is named ``optimizer``."""
     if variant == "bf16":
         return model, opt
-    level, _, extra = variant.partition("+")
+    level, *extras = variant.split("+")
     overrides: dict = {"modules.min_gemm_size": 0}
     if level.endswith("e"):
         level = level[:-1]
         overrides["optimizer.exp_avg_sq"] = "e4m3_expand"
-    if extra == "fp8act":
-        overrides["activations.storage"] = "fp8"
-        overrides.update({f"activations.{k}": v for k, v in activations.items()})
-    elif extra:
-        raise ValueError(f"Unknown variant suffix {extra!r} in {variant!r}; the one known suffix is '+fp8act'.")
+    for extra in extras:
+        if extra == "fp8act":
+            overrides["activations.storage"] = "fp8"
+            overrides.update({f"activations.{k}": v for k, v in activations.items()})
+        elif extra == "nocache":
+            overrides["linear.weight_cache"] = "none"
+        else:
+            raise ValueError(f"Unknown variant suffix {extra!r} in {variant!r}; known: '+fp8act', '+nocache'.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return amp.initialize(model, opt, opt_level=level, overrides=overrides)

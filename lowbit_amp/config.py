@@ -138,6 +138,11 @@ class LinearConfig:
     fast_accum_forward: bool = True
     # Fused Triton casts on CUDA in eager mode (lowbit_amp/kernels/dispatch.py); False runs the reference ops.
     fused_cast: bool = True
+    # ``step``: FP8 W and Wᵀ are cast once per optimizer step and kept until it (the fastest with gradient
+    # accumulation). ``none``: W is cast in every forward and dropped after its GEMM, and backward re-casts Wᵀ from the
+    # weight with forward's scale (same codes) — no FP8 weight copy is held, 2 B/param less at the peak (eager; compiled
+    # graphs never cache and keep Wᵀ alone, 1 B/param). The memory recipe: docs/recipes.md.
+    weight_cache: str = _choices("step", "none", default="step")
     weight_grad: str = _choices("hp", "e4m3", "e5m2", default="hp")
     grad_accumulation: str = _choices("rescale", "fp32", default="rescale")
     int8: Int8Config = field(default_factory=Int8Config)

@@ -38,6 +38,7 @@ DESCRIPTIONS: dict[str, str] = {
     "linear.*.scaling.static_scale": "The scale used when `algo: static`.",
     "linear.fast_accum_forward": "Let the forward FP8 GEMM use tensor-core fast accumulation (backward GEMMs always accumulate in FP32).",
     "linear.fused_cast": "Use the fused Triton cast kernels on CUDA in eager mode; `false` runs the reference PyTorch ops.",
+    "linear.weight_cache": "`step`: FP8 W/Wᵀ cast once per optimizer step and kept until it; `none`: cast per forward, Wᵀ re-cast in backward, no FP8 weight copy held (eager; saves 2 B/param at the peak).",
     "linear.weight_grad": "Format of the weight gradient handed to the optimizer: `hp` (model dtype) or FP8 (`e4m3`/`e5m2`) with a scale (O2+).",
     "linear.grad_accumulation": "How FP8 weight gradients accumulate over micro-batches: `rescale` to a shared scale, or in `fp32`.",
     "linear.int8.act_block": "Activation block shape for INT8 quantization (rows x K-cols).",

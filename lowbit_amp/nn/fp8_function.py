@@ -56,7 +56,12 @@ class Fp8LinearFunction(torch.autograd.Function):
         x_lp, x_t_lp, x_scale, x_scale_inv = quantize_operand_t(
             x2d, layer.input_scaling, tensorwise and ctx.needs_input_grad[1], cfg.fused_cast)
         w_t_lp = None
-        if torch.compiler.is_compiling():
+        # weight_cache: none (eager): W is cast here and freed after the GEMM; backward re-casts Wᵀ with this scale.
+        recast = (cfg.weight_cache == "none" and tensorwise and not torch.compiler.is_compiling()
+                  and getattr(layer.weight, "lowbit_fp8_weight", None) is None)
+        if recast:
+            w_lp, _, w_scale, w_scale_inv = quantize_operand_t(weight.detach(), layer.weight_scaling, False, cfg.fused_cast)
+        elif torch.compiler.is_compiling():
             # The per-version weight cache is Python-side state Dynamo cannot trace: cast W (and Wᵀ for backward, in
             # the same fused pass on CUDA) in the graph instead — once per step either way without accumulation.
             w_lp, w_t_lp, w_scale, w_scale_inv = quantize_operand_t(
@@ -76,7 +81,9 @@ class Fp8LinearFunction(torch.autograd.Function):
             # Compiled: Wᵀ made in forward is saved instead of W (backward reads only Wᵀ); eager: W, whose cached
             # transpose backward looks up.
             ctx.w_is_t = w_t_lp is not None
-            ctx.save_for_backward(x_t_lp, x_scale, x_scale_inv, w_t_lp if ctx.w_is_t else w_lp, w_scale, w_scale_inv)
+            ctx.recast = recast
+            w_saved = weight if recast else (w_t_lp if ctx.w_is_t else w_lp)  # recast: the parameter itself, no copy
+            ctx.save_for_backward(x_t_lp, x_scale, x_scale_inv, w_saved, w_scale, w_scale_inv)
         else:
             ctx.save_for_backward(x2d, weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -92,7 +99,9 @@ class Fp8LinearFunction(torch.autograd.Function):
             x_t_lp, x_scale, x_scale_inv, w_lp, w_scale, w_scale_inv = ctx.saved_tensors
             dy_lp, dy_t_lp, dy_scale, dy_scale_inv = quantize_operand_t(dy2d, go_state, need_dw, layer.lb_config.fused_cast)
             if need_dx:
-                if ctx.w_is_t:
+                if ctx.recast:
+                    w_t_lp = layer.recast_weight_t(w_lp, w_scale)  # w_lp holds the high-precision weight here
+                elif ctx.w_is_t:
                     w_t_lp = w_lp
                 elif torch.compiler.is_compiling():
                     w_t_lp = w_lp.t().contiguous()

@@ -7,7 +7,8 @@ is ``lb_config.compute``: ``hp`` (``F.linear``, the O0 baseline through the same
 
 The weight is cast once per optimizer step, not once per micro-batch: the FP8 copy is cached under the weight's
 version counter, which every in-place update (optimizer step, ``load_state_dict``) bumps. Writes that bypass it (through
-``weight.data``, DeepSpeed ZeRO, FSDP2) must call :meth:`LowBitLinear.invalidate_weight_cache`.
+``weight.data``, DeepSpeed ZeRO, FSDP2) must call :meth:`LowBitLinear.invalidate_weight_cache`. ``weight_cache: none``
+trades that cache for memory: W is cast per forward and Wᵀ re-cast in backward (:meth:`LowBitLinear.recast_weight_t`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit_amp.config import LinearConfig
+from lowbit_amp.quant.cast import quantize
 from lowbit_amp.quant.operand import quantize_operand_t
 from lowbit_amp.scaling.state import ScalingState
 
@@ -90,6 +92,24 @@ class LowBitLinear(nn.Linear):
         :func:`lowbit_amp.nn.invalidate_weight_caches`.
         """
         self._weight_cache = None
+
+    def recast_weight_t(self, weight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        """FP8 ``Wᵀ`` (contiguous) cast from the high-precision ``weight`` with forward's scale ``w_scale``, for
+        ``weight_cache: none``: the cast is elementwise with one scale, so these are exactly the transposed codes of
+        forward's ``W`` (tested) while nothing FP8 was held in between. Reads ``weight`` through its transpose view in
+        the fused kernel on CUDA (no bf16 transpose copy); the reference ops elsewhere. Records nothing: forward did."""
+        fmt = self.weight_scaling.fmt
+        with torch.no_grad():
+            w_t = weight.detach().t()
+            from lowbit_amp.kernels.dispatch import fused_cast_unavailable
+
+            if fused_cast_unavailable(w_t, self.weight_scaling, enabled=self.lb_config.fused_cast) is None:
+                from lowbit_amp.kernels.fp8_cast import launch_cast
+
+                lp, _, _ = launch_cast(w_t, w_scale.reshape(()).float(), fmt.dtype, fmt.max, fmt.max, current=False,
+                                       record=False, want_transpose=False, pending=None, nonfinite=None, scratch=None)
+                return lp
+            return quantize(w_t.contiguous(), w_scale, fmt, "tensor")
 
     def quantized_weight_scale_inv(self, w_lp: torch.Tensor) -> torch.Tensor | None:
         """``1/w_scale`` of the cached cast ``w_lp`` when the fused kernel wrote it, else None."""
