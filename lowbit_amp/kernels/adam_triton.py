@@ -27,7 +27,8 @@ floor of FP16 scales is taken on the bits. Three places differ by default, all m
 corrections use libdevice's ``powf``, which Triton links in its flush-to-zero build and which can differ from ATen's by
 an ulp (the launcher can pass the reference's own torch-op values instead: then bit-identical), and COAT's per-element
 ``|x|^k`` uses the hardware ``ex2``/``lg2`` approximations unless ``EXACT_POW`` (libdevice ``powf`` costs ~100
-instructions per call and made the kernel instruction-bound), and the approximate per-element division/square root
+instructions per call and made the kernel instruction-bound), folded in the log domain with the per-block max so an
+element's encode or decode is one ``lg2``, one FMA and one ``ex2``, and the approximate per-element division/square root
 (``FAST_MATH``).
 
 FP8: on GPU the hardware conversions (decode is exact; encode is round-to-nearest-even with saturation, like torch's
@@ -40,6 +41,8 @@ bits: the rounded weight is the truncated weight plus one bf16 ulp when ``floor(
 exactly-scaled magnitude — so the kernel's random stream *is* the reference's, not merely the same distribution
 (measured: bit-identical weights on H200 when the bias corrections agree).
 """
+
+import math
 
 import triton
 import triton.language as tl
@@ -76,6 +79,8 @@ _FP16_MAX = tl.constexpr(65504.0)
 _MAX_SCALE = tl.constexpr(2.0**126)
 _K_MAX = tl.constexpr(state_codec._K_MAX)
 _E4M3_LOG_RANGE = tl.constexpr(state_codec._E4M3_LOG_RANGE)  # log(448 / 2^-6); fp32-rounded where used, as ATen does
+_LOG2_E4M3_RANGE = tl.constexpr(state_codec._E4M3_LOG_RANGE / math.log(2.0))  # the same in octaves (approx. path)
+_LOG2_E4M3_MAX = tl.constexpr(math.log2(448.0))
 
 
 @triton.jit
@@ -461,11 +466,17 @@ def _adam_tile(
     else:
         v_max_old = tl.load(_ptr(row, COL_V_SCALE, tl.float32) + blk, mask=row_ok, other=1.0)  # the block's max
         k_old = tl.load(_ptr(row, COL_V_K, tl.float32) + blk, mask=row_ok, other=1.0)
-        hp = _load_fp8(bases, row, COL_V, elem, in_state, False, USE_LIBDEVICE, ALIGNED)
-        hp = hp * tl.math.div_rn(one, _E4M3_MAX)  # codes = 448·sign·(|v|/max)^k
-        inv_k = tl.math.div_rn(tl.full(k_old.shape, 1.0, tl.float32), k_old)[:, None]
-        mag = _pow_elem(tl.abs(hp), inv_k, USE_LIBDEVICE, EXACT_POW) * v_max_old[:, None]
-        v = tl.where(hp < 0.0, -mag, mag)  # torch.sign(hp) * |hp|^(1/k) * max (|0|^(1/k) = 0)
+        code = _load_fp8(bases, row, COL_V, elem, in_state, False, USE_LIBDEVICE, ALIGNED)
+        inv_k = tl.math.div_rn(tl.full(k_old.shape, 1.0, tl.float32), k_old)
+        if EXACT_POW:
+            hp = code * tl.math.div_rn(one, _E4M3_MAX)  # codes = 448·sign·(|v|/max)^k
+            mag = _pow_elem(tl.abs(hp), inv_k[:, None], USE_LIBDEVICE, EXACT_POW) * v_max_old[:, None]
+            v = tl.where(hp < 0.0, -mag, mag)  # torch.sign(hp) * |hp|^(1/k) * max (|0|^(1/k) = 0)
+        else:
+            # v = max·(code/448)^(1/k) = 2^(lg2(code)/k + lg2(max) − lg2(448)/k): one lg2, one FMA, one ex2 per
+            # element; the codes of v ≥ 0 are never negative, and lg2(0) = −inf gives exactly 0.
+            c_row = tl.log2(v_max_old) - inv_k * _LOG2_E4M3_MAX
+            v = tl.exp2(inv_k[:, None] * tl.log2(code) + c_row[:, None])
 
     # ---- Adam / AdamW (FP32)
     if DECOUPLED:
@@ -507,15 +518,26 @@ def _adam_tile(
         magnitude = tl.where(in_state, tl.abs(v), 0.0)
         block_max = tl.max(magnitude, axis=1)
         nonzero_min = tl.min(tl.where(magnitude > 0.0, magnitude, float("inf")), axis=1)
-        log_range = _log_row(tl.math.div_rn(block_max, nonzero_min), USE_LIBDEVICE, EXACT_POW)
-        k = tl.math.div_rn(tl.full(log_range.shape, 1.0, tl.float32), log_range) * _E4M3_LOG_RANGE
-        k = tl.minimum(k, _K_MAX)
-        k = tl.where((k > 0.0) & (k < float("inf")), k, 1.0)
-        # Normalised by the block max before the power, so tiny v never underflow (see optim/state_codec.py).
         denom = tl.where(block_max > 0.0, block_max, 1.0)
-        expanded = _pow_elem(_div(magnitude, denom[:, None], FAST_MATH), k[:, None], USE_LIBDEVICE, EXACT_POW)
-        expanded = tl.where(v < 0.0, -expanded, expanded)  # torch.sign(v) * (|v|/max)^k
-        scaled = tl.minimum(tl.maximum(expanded * _E4M3_MAX, -_E4M3_MAX), _E4M3_MAX)
+        if EXACT_POW:
+            log_range = _log_row(tl.math.div_rn(block_max, nonzero_min), USE_LIBDEVICE, EXACT_POW)
+            k = tl.math.div_rn(tl.full(log_range.shape, 1.0, tl.float32), log_range) * _E4M3_LOG_RANGE
+            k = tl.minimum(k, _K_MAX)
+            k = tl.where((k > 0.0) & (k < float("inf")), k, 1.0)
+            # Normalised by the block max before the power, so tiny v never underflow (see optim/state_codec.py).
+            expanded = _pow_elem(_div(magnitude, denom[:, None], FAST_MATH), k[:, None], USE_LIBDEVICE, EXACT_POW)
+            expanded = tl.where(v < 0.0, -expanded, expanded)  # torch.sign(v) * (|v|/max)^k
+            scaled = tl.minimum(tl.maximum(expanded * _E4M3_MAX, -_E4M3_MAX), _E4M3_MAX)
+        else:
+            # The same codes in the log domain: 448·(v/max)^k = 2^(k·lg2(v) + lg2(448) − k·lg2(max)) — one lg2, one
+            # FMA, one ex2 per element (no division, no sign: v ≥ 0); k and the offset are per-block scalars. lg2(0)
+            # = −inf gives code 0; an all-zero block gets k = 1 and a finite offset (lg2 of its denom 1 is 0).
+            lg_max = tl.log2(denom)
+            k = tl.math.div_rn(tl.full(lg_max.shape, _LOG2_E4M3_RANGE, tl.float32), lg_max - tl.log2(nonzero_min))
+            k = tl.minimum(k, _K_MAX)
+            k = tl.where((k > 0.0) & (k < float("inf")), k, 1.0)
+            offset = _LOG2_E4M3_MAX - k * lg_max
+            scaled = tl.minimum(tl.exp2(k[:, None] * tl.log2(magnitude) + offset[:, None]), _E4M3_MAX)
         _store_e4m3(bases, row, COL_V, elem, scaled, st_mask, USE_LIBDEVICE, ALIGNED)
         tl.store(_ptr(row, COL_V_SCALE, tl.float32) + blk, denom, mask=row_st)
         tl.store(_ptr(row, COL_V_K, tl.float32) + blk, k, mask=row_st)
