@@ -17,6 +17,8 @@ falls back to current scaling, so the first steps never cast with an arbitrary s
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -67,9 +69,11 @@ class ScalingState(nn.Module):
         if not self.delayed:
             return
         amax = amax.detach().float()
-        finite = torch.isfinite(amax)
-        self.nonfinite_count.add_((~finite).to(torch.int64))
-        self.pending_amax.copy_(torch.maximum(self.pending_amax, torch.where(finite, amax, torch.zeros_like(amax))))
+        # Five ops where it was eleven (it runs per delayed cast on the reference path): isfinite() as one comparison
+        # of |amax| (NaN compares False), the bool added to the int64 counter directly, a scalar 0 for where().
+        finite = amax.abs() < math.inf
+        self.nonfinite_count.add_(~finite)
+        torch.maximum(self.pending_amax, torch.where(finite, amax, 0.0), out=self.pending_amax)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
