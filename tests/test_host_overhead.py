@@ -7,19 +7,20 @@ models"). The counts are taken with a dispatch mode on CPU, where the same ops r
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lowbit_amp as amp
 from lowbit_amp.formats import get_format
 from lowbit_amp.grads.fp8_grad import encode_fp8
-from lowbit_amp.models import TinyGPT, TinyGPTConfig
 from lowbit_amp.optim.update import all_finite
 from lowbit_amp.quant.cast import compute_scale
 
@@ -63,21 +64,13 @@ class OpCounter(TorchDispatchMode):
 
 
 def _train_step(level: str):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    model = TinyGPT(TinyGPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=64), seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer = amp.initialize(model, optimizer, opt_level=level)
-    x = torch.randint(0, 256, (2, 16))
-    y = torch.randint(0, 256, (2, 16))
-
-    def step() -> None:
-        _, loss = model(x, y)
-        with amp.scale_loss(loss, optimizer) as scaled:
-            scaled.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """The warm step of tools/profile_host_step.py (one definition of it), at a tiny CPU shape."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "profile_host_step.py"
+    spec = importlib.util.spec_from_file_location("profile_host_step", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shape = argparse.Namespace(block_size=16, n_layer=2, n_head=4, n_embd=64, batch_size=2)
+    return tool.build(level, shape, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("level", ["O0", "O1", "O2", "O3", "int8"])
