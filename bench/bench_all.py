@@ -267,7 +267,7 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
 
 E2E_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_dw_compile",
                 "torchao_tensorwise_compile", "torchao_tensorwise_eager"]
-E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "bf16_compile", "lowbit_O1_compile",
+E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_dw_compile",
                       "lowbit_O1_all_compile", "torchao_tensorwise_compile"]
 
 
