@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
-from lowbit_amp.quant.granularity import Granularity, amax, expand_scale
+from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
+from lowbit_amp.quant.granularity import Granularity, amax
 
 __all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "quantize_with_fallback"]
 
@@ -61,7 +61,7 @@ class FallbackOperand:
 
     def element_mask(self) -> torch.Tensor:
         """Bool ``(rows, cols)``: True at elements inside a fallback tile."""
-        return expand_scale(self.flags.float(), self.main.q.shape, self.tile) > 0
+        return expand_blocks(self.flags, *self.main.q.shape, self.tile)
 
     def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The value this operand represents (what the GEMM multiplies)."""
@@ -106,6 +106,6 @@ def quantize_with_fallback(
         missed = torch.where(mask, x2d.float() - main.dequantize(torch.float32), 0.0)
         operand.residual = quantize_blocks(missed, act, rounding=rounding, generator=generator)
     else:
-        main.q = torch.where(mask, torch.zeros_like(main.q), main.q)
+        main.q = main.q.masked_fill(mask, 0)
         operand.hp = x2d.to(HP_DTYPE)
     return operand

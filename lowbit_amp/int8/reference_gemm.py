@@ -22,8 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lowbit_amp.int8.block_quant import Int8Blocks
+from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
 from lowbit_amp.int8.fallback import FallbackOperand
+from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["int8_block_mm_nt", "int_mm_nt"]
 
@@ -46,7 +47,8 @@ def int_mm_nt(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
 
 def _row_scale_inv(blocks: Int8Blocks, rows: int) -> torch.Tensor:
     """``(rows, n_kblocks)`` float32 dequantization multipliers, one per row and K block."""
-    return blocks.scale.float().reciprocal().repeat_interleave(blocks.block.rows, dim=0)[:rows]
+    inv = blocks.scale.float().reciprocal()
+    return expand_blocks(inv, rows, inv.shape[1], Granularity(blocks.block.rows, 1))
 
 
 def _check(a_main: Int8Blocks, b: Int8Blocks) -> None:
@@ -81,18 +83,21 @@ def reference_block_mm_nt(
         acc = int_mm_nt(main.q[:, ks], b.q[:, ks]).float()
         out += (acc * sa_inv[:, kb, None]) * sb_inv[None, :, kb]
     if isinstance(a, FallbackOperand):
-        row_flags = a.flags.repeat_interleave(a.tile.rows, dim=0)[:rows]
+        row_flags = expand_blocks(a.flags, rows, a.flags.shape[1], Granularity(a.tile.rows, 1))
         if a.mode == "residual":
             assert a.residual is not None
             sr_inv = _row_scale_inv(a.residual, rows)
         elif b_hp is None:
             raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
+        else:  # converted once, not per K block (elementwise conversions: the same values, fewer ops)
+            assert a.hp is not None
+            a_hp, b_hp = a.hp.float(), b_hp.to(a.hp.dtype).float()
         for kb in range(n_kb):
             ks = slice(kb * bk, min(k_dim, (kb + 1) * bk))
             if a.mode == "residual":
                 part = (int_mm_nt(a.residual.q[:, ks], b.q[:, ks]).float() * sr_inv[:, kb, None]) * sb_inv[None, :, kb]
             else:
-                part = a.hp[:, ks].float() @ b_hp[:, ks].to(a.hp.dtype).float().t()  # bf16 products, fp32 sums
+                part = a_hp[:, ks] @ b_hp[:, ks].t()  # bf16 products, fp32 sums
             out += torch.where(row_flags[:, kb, None], part, 0.0)
     if bias is not None:
         out += bias.float()

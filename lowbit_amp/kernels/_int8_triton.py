@@ -226,13 +226,20 @@ def fallback_step(acc0, acc1, kb, off_m, off_n0, off_n1, offs_m, offs_n0, offs_n
 
 @triton.jit
 def fallback_index_kernel(flag_ptr, idx_ptr, cnt_ptr, n_kb, s_fm, s_fk, s_im, NKB_P2: tl.constexpr):
-    """Per M tile (program): the count of flagged K blocks and their indices first, ascending (one launch)."""
+    """Per M tile (program): the count of flagged K blocks and their indices first, ascending (one launch).
+
+    The unflagged K blocks follow, ascending, so every entry of a row is a valid K-block index: the index buffer needs
+    no zero-fill launch, and a look-ahead load past the count (the GEMM's fallback loop prefetches the next index)
+    still reads a valid index."""
     row = tl.program_id(0)
     kbs = tl.arange(0, NKB_P2)
-    flag = tl.load(flag_ptr + row * s_fm + kbs * s_fk, mask=kbs < n_kb, other=0) != 0
-    pos = tl.cumsum(flag.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + row * s_im + pos, kbs, mask=flag)
-    tl.store(cnt_ptr + row, tl.sum(flag.to(tl.int32), axis=0))
+    valid = kbs < n_kb
+    flag = tl.load(flag_ptr + row * s_fm + kbs * s_fk, mask=valid, other=0) != 0
+    flagged = flag.to(tl.int32)
+    count = tl.sum(flagged, axis=0)
+    pos = tl.where(flag, tl.cumsum(flagged, axis=0) - 1, count + tl.cumsum(1 - flagged, axis=0) - 1)
+    tl.store(idx_ptr + row * s_im + pos, kbs, mask=valid)
+    tl.store(cnt_ptr + row, count)
 
 
 @triton.jit
