@@ -173,4 +173,4 @@ def test_autocast_bf16_on_cpu() -> None:
 
 def test_extra_repr_shows_formats_and_scaling() -> None:
     layer = LowBitLinear(32, 32, config=LinearConfig())
-    assert "i:e4m3/delayed16,w:e4m3/current,go:e5m2/delayed16" in repr(layer)
+    assert "i:e4m3/delayed16,w:e4m3/delayed16,go:e5m2/delayed16" in repr(layer)
