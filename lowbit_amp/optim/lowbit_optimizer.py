@@ -39,9 +39,10 @@ EXP_AVG_SQ_FORMATS = ("fp32", "fp16", "e4m3_expand")
 
 
 class _Replay:
-    """What :meth:`LowBitOptimizer._replayed` checks before re-launching a step: per parameter (param, its state dict,
-    the ids of its state tensors, gradient-codes and scale addresses, the parameter's own address — ``p.data = ...``
-    moves it), per group (group, device, hyper tensor, flags)."""
+    """What :meth:`LowBitOptimizer._replayed` checks before re-launching a step: per parameter a list ``[param, its
+    state dict, the ids of its state tensors, gradient-codes address, scale address, the parameter's address (``p.data
+    = ...`` moves it), numel, dtype, the gradient's type (Fp8Grad or a plain tensor), the codes' dtype]`` — the two
+    gradient addresses are updated when a re-launch re-points them —, per group (group, device, hyper tensor, flags)."""
 
     __slots__ = ("entries", "fused", "hypers")
 
@@ -285,12 +286,13 @@ class LowBitOptimizer(torch.optim.Optimizer):
             ok = bad == 0
         self._count_skip(ok, device)
         hypers: dict[tuple[int, torch.device], torch.Tensor] = {}
-        ones: dict[torch.device, torch.Tensor] = {}
+        ones = self._ones()
         positions: dict[int, int] | None = None  # built only on a step that initialises state
         # Adam on CUDA: the fused Triton kernel (one launch per group of like parameters) unless compile=False (the
         # eager reference) or the group says fused=False; what it cannot serve keeps this loop's path (update.py).
         fused = fused_step_for(self) if self.use_compile is not False and self.rule == "adam" else None
-        all_fused = fused is not None and not meshes and all(scale is not None for _, _, _, scale in work)
+        all_fused = fused is not None and not meshes
+        added = []  # (param, codes, scale) as the fused kernel's table addresses them, in add() order
         for group, param, codes, scale in work:
             state = self.state[param]
             # A DTensor (FSDP2) parameter is updated through its local shard: the state is blocks of the *local* flat
@@ -313,10 +315,16 @@ class LowBitOptimizer(torch.optim.Optimizer):
             key = (id(group), param.device)
             if key not in hypers:
                 hypers[key] = self._hyper(group, param.device)
-            if scale is None:
-                scale = ones.setdefault(param.device, torch.ones((), device=param.device))
+            if scale is None:  # a plain gradient: the kernel (and the reference) read a scale of one
+                scale = ones.get(param.device)
+                if scale is None:
+                    scale = ones[param.device] = torch.ones((), device=param.device)
             if fused is not None and group.get("fused") is not False and fused.add(
                     self._spec(group, param), local, codes, scale, state, hypers[key], salt):
+                if local is param:
+                    added.append((param, codes, scale))
+                else:  # a wrapper's plain data (FP8 all-gather): its address is not the parameter's; no replay
+                    all_fused = False
                 continue
             all_fused = False
             use_compile = self.use_compile if self.use_compile is not None else param.device.type == "cuda"
@@ -329,49 +337,85 @@ class LowBitOptimizer(torch.optim.Optimizer):
             fused.launch(ok)
         if all_fused and fused is not None and fused.can_replay():
             self._replay = _Replay(
-                fused, [(p, self.state[p], _state_tensors(self.state[p]), c.data_ptr(), s.data_ptr(), p.data_ptr())
-                        for _, p, c, s in work],
+                fused, [[p, self.state[p], _state_tensors(self.state[p]), c.data_ptr(), s.data_ptr(), p.data_ptr(),
+                         p.numel(), p.dtype, type(p.grad), c.dtype] for p, c, s in added],
                 [(g, d, t, self._flags(g)) for (gid, d), t in hypers.items()
                  for g in self.param_groups if id(g) == gid])
         return loss
 
+    def _ones(self) -> dict[torch.device, torch.Tensor]:
+        """Per device, the 0-d one that stands for a plain gradient's scale. Persistent (not one per step) because its
+        address is in the fused kernel's cached table, which :meth:`_replayed` re-launches: a per-step tensor would be
+        freed after the step and the re-launched table would point at freed memory."""
+        return self.__dict__.setdefault("_ones_cache", {})
+
     def _replayed(self, replay: "_Replay") -> bool:
-        """Re-launch the previous step's fused kernels when nothing they read moved: same parameters with FP8
-        gradients at the same addresses, the same state tensors, the same hyper-parameter tensors and flags.
+        """Re-launch the previous step's fused kernels when nothing they read moved except gradient addresses: same
+        parameters (address, numel, dtype) with gradients of the same type and dtype, the same state tensors, the same
+        hyper-parameter tensors and flags. A gradient found at another address than the cached table's — FP8 codes or
+        scale, or a plain gradient (bias, norm, embedding; its scale is the persistent one of :meth:`_ones`) — is
+        re-pointed in the table (``FusedAdamStep.relaunch(patches=...)``) instead of rebuilding the step.
 
         Why: the per-parameter Python of a full step (kind checks, table rows, state lookups) is ~10 µs per
         parameter on a CPU, host time that a GPU step of a model with hundreds of parameters waits for (256
         parameters of 1024²: 3.3 ms pipelined vs torch's 1.4, H200, 2026-12-01). The caching allocator usually
-        hands every backward the same gradient addresses, so most steps qualify; checking them costs ~2 µs per
-        parameter. Anything that moved (a new parameter with a gradient, a freed one, ``p.data`` rebound,
-        load_state_dict, a dtype or flag change, a DTensor or plain gradient) takes the full step, which records a new
-        replay."""
-        entries, i, scales = replay.entries, 0, []
+        hands every backward the same gradient addresses, so most steps need no patch; a plain gradient that
+        ``zero_grad(set_to_none=True)`` freed is reallocated each backward (often, not always, at the same address),
+        and every real model has such gradients next to its FP8 ones — before they were handled here no step of a
+        real model re-launched. Every gradient's two addresses are compared each step, so no row can keep a stale
+        pointer. Anything else that moved (a new parameter with a gradient, a freed one, ``p.data`` rebound,
+        load_state_dict, a dtype or flag change, ``fused=False`` or ``compile=False`` set since, a DTensor, sparse or
+        non-contiguous gradient) takes the full step, which records a new replay."""
+        if self.use_compile is False:
+            return False
+        entries, i, finite, patches = replay.entries, 0, [], []
+        ones = self._ones()
+        n = len(entries)
         for group in self.param_groups:
             self._check_group(group)
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
                     continue
-                if i == len(entries) or type(grad) is not Fp8Grad:
+                if i == n:
                     return False
                 entry = entries[i]
-                codes, scale = grad.codes_and_scale()
-                if (entry[0] is not param or param.data_ptr() != entry[5] or codes.data_ptr() != entry[3]
-                        or scale.data_ptr() != entry[4] or self.state.get(param) is not entry[1]
+                kind = type(grad)
+                if kind is Fp8Grad:
+                    codes, scale = grad.codes_and_scale()
+                elif kind is torch.Tensor:  # not a subclass (DTensor, ...); a sparse one is not contiguous
+                    codes, scale = grad, ones.get(param.device)
+                else:
+                    return False
+                if (entry[0] is not param or kind is not entry[8] or codes.dtype is not entry[9]
+                        or not codes.is_contiguous() or param.data_ptr() != entry[5] or param.numel() != entry[6]
+                        or param.dtype is not entry[7] or self.state.get(param) is not entry[1]
                         or _state_tensors(entry[1]) != entry[2]):
                     return False
-                scales.append(scale)
+                if scale is None:  # no ones tensor on this device: the full step creates it
+                    return False
+                if kind is Fp8Grad:  # checked all at once below, as in the full step
+                    finite.append(scale)
+                elif codes.numel():
+                    finite.append(codes.abs().amax())
+                codes_ptr, scale_ptr = codes.data_ptr(), scale.data_ptr()
+                if codes_ptr != entry[3] or scale_ptr != entry[4]:
+                    patches.append((i, codes, codes_ptr, scale_ptr))
                 i += 1
-        if i != len(entries):
+        if i != n:
             return False
         for group, device, tensor, flags in replay.hypers:
-            if self._hyper(group, device) is not tensor or self._flags(group) != flags:
+            if (self._hyper(group, device) is not tensor or self._flags(group) != flags
+                    or group.get("fused") is False):
                 return False
         device = entries[0][0].device
-        ok = all_finite(scales, device)
+        ok = all_finite(finite, device)
         self._count_skip(ok, device)
-        replay.fused.relaunch(ok)
+        replay.fused.relaunch(ok, patches)
+        # only now: had the count (nonfinite='error') or the launch raised, the next step must still see the rows'
+        # old addresses as different and patch them again
+        for index, _, codes_ptr, scale_ptr in patches:
+            entries[index][3], entries[index][4] = codes_ptr, scale_ptr
         return True
 
     def _count_skip(self, ok: torch.Tensor, device: torch.device) -> None:
