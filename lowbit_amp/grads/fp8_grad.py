@@ -39,10 +39,42 @@ _TENSOR_DATA = torch.Tensor.data  # torch's own getset descriptor, which Fp8Grad
 
 
 def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above)."""
+    """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above).
+
+    On CUDA (eager) the fused cast kernel serves it: two passes (amax, then cast) and no full-size temporaries. The
+    reference's ``x * scale`` and ``clamp`` each allocate an FP32 copy of the gradient: for the 4096x14336 weights of
+    the issue-7 anchor that was 448 MiB live at the step's memory peak, on top of the GEMM's FP32 output (H200
+    allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
+    (tests/gpu/test_fp8_grad_encode_gpu.py); for a non-finite one the scale is NaN either way, which is all that
+    marks it (its codes are not meaningful on either path)."""
+    if _fused_encode_serves(hp, fmt):
+        return _fused_encode(hp, fmt)
     current = amax(hp)  # of |hp|: >= 0, +inf or NaN, so ``current < inf`` is isfinite() in one op instead of four
     scale = torch.where(current < math.inf, compute_scale(current, fmt), math.nan)
     return quantize(hp, scale, fmt), scale
+
+
+def _fused_encode_serves(hp: torch.Tensor, fmt: Format) -> bool:
+    """The fused kernel's preconditions (lowbit_amp/kernels/dispatch.py) for a per-tensor, round-to-nearest encode."""
+    from lowbit_amp.kernels.dispatch import fused_kernels_available
+
+    return (hp.device.type == "cuda" and hp.dim() >= 1 and hp.numel() > 0 and fmt.is_float
+            and hp.dtype in (torch.bfloat16, torch.float16, torch.float32) and fused_kernels_available()
+            and not torch.compiler.is_compiling())
+
+
+def _fused_encode(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowbit_amp.kernels.fp8_cast import launch_cast
+
+    x2d = hp.reshape(-1, hp.shape[-1])
+    amax_out = torch.empty((), dtype=torch.float32, device=hp.device)
+    nonfinite = torch.empty((), dtype=torch.int64, device=hp.device)
+    # current scaling with this tensor's amax, recorded "fresh" into amax_out / nonfinite (no zero-fill launches)
+    codes, _, scale_out = launch_cast(x2d, amax_out, fmt.dtype, fmt.max, fmt.max, current=True, record=True,
+                                      want_transpose=False, pending=amax_out, nonfinite=nonfinite, scratch=None,
+                                      fresh=True)
+    scale = torch.where(nonfinite == 0, scale_out[0], math.nan)
+    return codes.view(hp.shape), scale
 
 
 class Fp8Grad(torch.Tensor):

@@ -31,6 +31,11 @@ _KERNEL_FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
+def fused_kernels_available() -> bool:
+    """Triton importable (the per-call conditions are the caller's)."""
+    return _TRITON_IMPORTABLE
+
+
 def fused_cast_unavailable(
     x: torch.Tensor, state: "ScalingState", rounding: str = "nearest", enabled: bool = True
 ) -> str | None:
