@@ -41,7 +41,7 @@ _TENSOR_DATA = torch.Tensor.data  # torch's own getset descriptor, which Fp8Grad
 def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above).
 
-    On CUDA (eager) the fused cast kernel serves it: two passes (amax, then cast) and no full-size temporaries. The
+    On CUDA (eager, with :data:`FUSED_ENCODE`) the fused cast kernel serves it: two passes (amax, then cast) and no full-size temporaries. The
     reference's ``x * scale`` and ``clamp`` each allocate an FP32 copy of the gradient: for the 4096x14336 weights of
     the issue-7 anchor that was 448 MiB live at the step's memory peak, on top of the GEMM's FP32 output (H200
     allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
@@ -54,11 +54,17 @@ def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tenso
     return quantize(hp, scale, fmt), scale
 
 
+#: Off until tests/gpu/test_fp8_grad_encode_gpu.py has passed on a GPU: the path was written on 2026-12-01 after the
+#: session's device time was spent (the kernel and its flag combination are the ones the compiled custom op already
+#: runs, but this caller is unverified there). The GPU tests switch it on to measure it; flip the default once they pass.
+FUSED_ENCODE = False
+
+
 def _fused_encode_serves(hp: torch.Tensor, fmt: Format) -> bool:
     """The fused kernel's preconditions (lowbit_amp/kernels/dispatch.py) for a per-tensor, round-to-nearest encode."""
     from lowbit_amp.kernels.dispatch import fused_kernels_available
 
-    return (hp.device.type == "cuda" and hp.dim() >= 1 and hp.numel() > 0 and fmt.is_float
+    return (FUSED_ENCODE and hp.device.type == "cuda" and hp.dim() >= 1 and hp.numel() > 0 and fmt.is_float
             and hp.dtype in (torch.bfloat16, torch.float16, torch.float32) and fused_kernels_available()
             and not torch.compiler.is_compiling())
 

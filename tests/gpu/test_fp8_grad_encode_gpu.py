@@ -17,6 +17,11 @@ from lowbit_amp.quant.granularity import amax
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _fused_encode_on(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(fp8_grad, "FUSED_ENCODE", True)  # measured here whatever the shipped default is
+
+
 def _reference(hp: torch.Tensor, fmt):  # type: ignore[no-untyped-def]
     current = amax(hp)
     scale = torch.where(current < math.inf, compute_scale(current, fmt), math.nan)
