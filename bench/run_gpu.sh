@@ -6,6 +6,7 @@
 #   bash bench/run_gpu.sh int8     # INT8 Triton GEMM tests + benchmark
 #   bash bench/run_gpu.sh optim    # fused optimizer step tests + benchmark with the launch sweep and a profile
 #   bash bench/run_gpu.sh e2e      # bench_all.py e2e_big e2e_small (bf16 / lowbit O1 / torchao; eager and compiled)
+#   bash bench/run_gpu.sh pending  # GPU checks of work written without device time (see the case below)
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -55,7 +56,18 @@ case "${1:-checks}" in
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_6x512_seeds.json" 2>&1 | tail -14
     ;;
+  pending)
+    # What the 2026-12-01 session wrote after its device time ended (each item's doc says so): the FP8-gradient fused
+    # encode (then flip lowbit_amp.grads.fp8_grad.FUSED_ENCODE), the mixed FP8/plain-gradient re-launch, the int8
+    # cached launcher, and the issue-7 peak with both memory changes (docs/recipes.md "What the 5.00 GiB peak").
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_grad_encode_gpu.py \
+      tests/optim/test_relaunch_mixed.py tests/int8 2>&1 | tail -8 | tee "$OUT/pending_pytest.txt"
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --json "$OUT/peak.json" 2>&1 | tail -14
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --fused-encode \
+      --json "$OUT/peak_fused_encode.json" 2>&1 | tail -14
+    timeout 200 python bench/bench_coat.py --sections e2e --variants bf16,O3+fp8act+nocache,O3+nocache 2>&1 | tail -10
+    ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity|pending" >&2; exit 2
     ;;
 esac
