@@ -75,6 +75,8 @@ def test_triton_kernels_in_interpreter_match_reference() -> None:
             assert float((yr - yt).abs().max() / yr.abs().max()) < 1e-6
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    # keep the caller's PYTHONPATH too: Triton may be importable only through it (a CPU machine's interpreter copy)
+    paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
