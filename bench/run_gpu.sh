@@ -59,13 +59,17 @@ case "${1:-checks}" in
   pending)
     # What the 2026-12-01 session wrote after its device time ended (each item's doc says so): the FP8-gradient fused
     # encode (then flip lowbit_amp.grads.fp8_grad.FUSED_ENCODE), the mixed FP8/plain-gradient re-launch, the int8
-    # cached launcher, and the issue-7 peak with both memory changes (docs/recipes.md "What the 5.00 GiB peak").
+    # cached launcher, and the issue-7 peak with the memory changes (docs/recipes.md "What the 5.00 GiB peak"),
+    # FP8-saved attention (activations.attention: fp8) included. ~6 min.
     timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_grad_encode_gpu.py \
       tests/optim/test_relaunch_mixed.py tests/int8 2>&1 | tail -8 | tee "$OUT/pending_pytest.txt"
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --json "$OUT/peak.json" 2>&1 | tail -14
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --fused-encode \
       --json "$OUT/peak_fused_encode.json" 2>&1 | tail -14
-    timeout 200 python bench/bench_coat.py --sections e2e --variants bf16,O3+fp8act+nocache,O3+nocache 2>&1 | tail -10
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn --fused-encode \
+      --json "$OUT/peak_fused_encode_fp8attn.json" 2>&1 | tail -14
+    timeout 240 python bench/bench_coat.py --sections e2e \
+      --variants bf16,O3+fp8act+nocache,O3+fp8act+nocache+fp8attn,O3+nocache 2>&1 | tail -12
     ;;
   *)
     echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity|pending" >&2; exit 2

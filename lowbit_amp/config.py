@@ -261,13 +261,17 @@ class ActivationConfig:
 
     ``storage``: ``hp`` (as the ops save them) or ``fp8`` (E4M3 with ``group_size`` consecutive elements per scale,
     two-stage group scaling; tensors below ``min_numel`` elements, parameters and attention/log-softmax saves stay
-    exact). Off by default at every level: it trades quantize/dequantize passes for activation memory. Eager mode
-    only (a ``torch.compile``-d forward raises).
+    exact; ``attention: fp8`` saves attention's q/k/v in FP8 too and recomputes attention in backward). Off by default
+    at every level: it trades quantize/dequantize passes for activation memory. Eager mode only (a
+    ``torch.compile``-d forward raises).
     """
 
     storage: str = _choices("hp", "fp8", default="hp")
     group_size: int = 16
     min_numel: int = 65536
+    # With storage fp8: ``exact`` keeps everything attention saves in the model dtype; ``fp8`` saves q, k, v in FP8
+    # and recomputes attention in backward (no output / logsumexp kept; lowbit_amp/recipes/fp8_attention.py).
+    attention: str = _choices("exact", "fp8", default="exact")
 
     def __post_init__(self) -> None:
         if self.group_size < 1:

@@ -100,7 +100,8 @@ def initialize(
     if config.activations.storage == "fp8":  # COAT: saved activations in FP8 (docs/recipes.md); off by default
         from lowbit_amp.recipes.fp8_activations import attach as attach_fp8_activations
 
-        attach_fp8_activations(model, config.activations.group_size, config.activations.min_numel)
+        attach_fp8_activations(model, config.activations.group_size, config.activations.min_numel,
+                               config.activations.attention)
     if optimizer is None:
         return model
     if config.optimizer.enabled or config.linear.weight_grad != "hp":

@@ -77,6 +77,8 @@ DESCRIPTIONS: dict[str, str] = {
     "activations.storage": "Tensors saved for backward: `hp` (as saved) or `fp8` (E4M3, group scales; COAT, docs/recipes.md).",
     "activations.group_size": "FP8 activation storage: consecutive elements sharing one scale (COAT: 1x16).",
     "activations.min_numel": "FP8 activation storage: tensors with fewer elements are saved as they are.",
+    "activations.attention": "FP8 activation storage: `exact` keeps attention's saves in the model dtype; `fp8` saves "
+                             "q/k/v in FP8 and recomputes attention in backward (no output or logsumexp kept).",
 }
 
 OPERANDS = ("input", "weight", "grad_output")

@@ -20,7 +20,9 @@ What the pack hook leaves alone, and why:
   logsumexp): their backward re-exponentiates a saved *log-domain* value (attention's logsumexp, log-probabilities),
   where E4M3's 6% relative error becomes an error of the exponent — e.g. a log-probability of -5.5 off by 0.34 scales
   that softmax gradient by e^0.34. The attention inputs/output stay in the model dtype too, as in COAT (FlashAttention
-  untouched). Users can mark other regions with :func:`exact_storage`.
+  untouched) — unless ``attention='fp8'``: then q, k, v are saved in FP8 and attention is recomputed in backward, so
+  no log-domain value is ever stored (:mod:`lowbit_amp.recipes.fp8_attention`). Users can mark other regions with
+  :func:`exact_storage`.
 
 Number format. E4M3 (one more mantissa bit than E5M2; activations need resolution, not range). The tensor is split into
 consecutive groups of ``group_size`` elements in memory order (1x16 along the last dim for contiguous tensors whose last
@@ -93,6 +95,8 @@ EXACT_FUNCTIONS: frozenset = frozenset({
     torch.logsumexp, torch.Tensor.logsumexp,
 })
 """Functions whose saved tensors stay in high precision (their backward exponentiates a saved log-domain value)."""
+
+ATTENTION_MODES = ("exact", "fp8")
 
 
 # ------------------------------------------------------------------------------------------------ the group cast
@@ -253,10 +257,21 @@ def _refuse_compiled_caller() -> None:
 
 class _ExactFunctions(TorchFunctionMode):
     """Runs the functions of :data:`EXACT_FUNCTIONS` inside :func:`exact_storage` (a name-based, op-level marker:
-    the pack hook itself cannot see which op is saving)."""
+    the pack hook itself cannot see which op is saving) — except attention under ``attention='fp8'``, which goes
+    through :mod:`lowbit_amp.recipes.fp8_attention` (q, k, v saved in FP8, recomputed in backward) when eligible."""
+
+    def __init__(self, storage: "Fp8ActivationStorage") -> None:
+        super().__init__()
+        self.storage = storage
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        storage = self.storage
+        if func is F.scaled_dot_product_attention and storage.attention == "fp8":
+            from lowbit_amp.recipes import fp8_attention
+
+            if fp8_attention.qkv_eligible(args, kwargs, storage.min_numel):
+                return fp8_attention.fp8_saved_attention(args, kwargs, storage.group_size, storage.stats)
         if func in EXACT_FUNCTIONS:
             with exact_storage():
                 return func(*args, **kwargs)
@@ -273,13 +288,18 @@ class Fp8ActivationStorage:
         module: the model; its parameters and buffers (read again at every entry, so re-registered or re-sharded
             parameters are seen) are never quantized, and its FP8 weight caches are told apart from activations in
             :attr:`stats`.
+        attention: ``exact`` (attention's saves stay in the model dtype) or ``fp8`` (q, k, v saved in FP8 and
+            attention recomputed in backward: :mod:`lowbit_amp.recipes.fp8_attention`).
     """
 
     def __init__(self, group_size: int = 16, min_numel: int = 1 << 16, params: Any = (),
-                 module: nn.Module | None = None) -> None:
+                 module: nn.Module | None = None, attention: str = "exact") -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}.")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r} is not one of {list(ATTENTION_MODES)}.")
         self.group_size = group_size
+        self.attention = attention
         self.min_numel = min_numel
         self.stats = SavedStats()
         self._params = list(params)
@@ -354,7 +374,7 @@ class Fp8ActivationStorage:
             self._modules = [m for m in self._module.modules() if hasattr(m, "_weight_cache")]
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in tensors}
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        mode = _ExactFunctions()
+        mode = _ExactFunctions(self)
         hooks.__enter__()
         mode.__enter__()
         self._stack.append((hooks, mode))
@@ -369,20 +389,22 @@ class Fp8ActivationStorage:
             self._kept_ptrs.clear()
 
 
-def fp8_activation_storage(group_size: int = 16, min_numel: int = 1 << 16, module: nn.Module | None = None
-                           ) -> Fp8ActivationStorage:
+def fp8_activation_storage(group_size: int = 16, min_numel: int = 1 << 16, module: nn.Module | None = None,
+                           attention: str = "exact") -> Fp8ActivationStorage:
     """A context manager storing saved activations in FP8 (``with fp8_activation_storage(module=model): loss = ...``).
 
-    Pass ``module`` so its parameters and buffers are recognised and never copied.
+    Pass ``module`` so its parameters and buffers are recognised and never copied; ``attention='fp8'`` also saves
+    attention's q, k, v in FP8 (:mod:`lowbit_amp.recipes.fp8_attention`).
     """
-    return Fp8ActivationStorage(group_size, min_numel, module=module)
+    return Fp8ActivationStorage(group_size, min_numel, module=module, attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------ amp.initialize hook
 HOOK_ATTR = "_lowbit_fp8_activations"
 
 
-def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16) -> Fp8ActivationStorage:
+def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16, attention: str = "exact"
+           ) -> Fp8ActivationStorage:
     """Run ``model``'s every forward inside FP8 activation storage (what ``activations.storage: fp8`` does).
 
     A forward pre-hook on the root module enters the hooks and a forward hook (``always_call``: also when forward
@@ -391,7 +413,7 @@ def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16) -> 
     """
     if getattr(model, HOOK_ATTR, None) is not None:
         raise ValueError("FP8 activation storage is already attached to this model.")
-    storage = Fp8ActivationStorage(group_size, min_numel, module=model)
+    storage = Fp8ActivationStorage(group_size, min_numel, module=model, attention=attention)
 
     def pre(_module: nn.Module, _args: Any) -> None:
         if torch.compiler.is_compiling():  # traced hooks: see _refuse_compiled_caller
