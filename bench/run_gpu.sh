@@ -66,10 +66,11 @@ case "${1:-checks}" in
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --json "$OUT/peak.json" 2>&1 | tail -14
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --fused-encode \
       --json "$OUT/peak_fused_encode.json" 2>&1 | tail -14
-    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn --fused-encode \
-      --json "$OUT/peak_fused_encode_fp8attn.json" 2>&1 | tail -14
-    timeout 240 python bench/bench_coat.py --sections e2e \
-      --variants bf16,O3+fp8act+nocache,O3+fp8act+nocache+fp8attn,O3+nocache 2>&1 | tail -12
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn+wgbf16 --fused-encode \
+      --json "$OUT/peak_fused_encode_fp8attn_wgbf16.json" 2>&1 | tail -14
+    timeout 300 python bench/bench_coat.py --sections e2e --variants \
+      bf16,O3+fp8act+nocache,O3+fp8act+nocache+fp8attn,O3+fp8act+nocache+fp8attn+wgbf16,O3+nocache,O3+nocache+wgbf16 \
+      2>&1 | tail -14
     ;;
   *)
     echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity|pending" >&2; exit 2

@@ -147,6 +147,11 @@ class LinearConfig:
     # graphs never cache and keep Wᵀ alone, 1 B/param). The memory recipe: docs/recipes.md.
     weight_cache: str = _choices("step", "none", default="step")
     weight_grad: str = _choices("hp", "e4m3", "e5m2", default="hp")
+    # With an FP8 ``weight_grad``: the dtype the weight-gradient GEMM writes before the FP8 encode. ``fp32`` (default):
+    # one rounding, to FP8. ``bf16``: the GEMM's epilogue rounds to bf16 first (unit roundoff 2^-8, 16x finer than
+    # E4M3's 2^-4), halving the transient full-size gradient and its write + read (docs/recipes.md: no measurable
+    # quality change on CPU; the GPU memory/speed effect is not measured yet, hence off by default).
+    weight_grad_gemm: str = _choices("fp32", "bf16", default="fp32")
     grad_accumulation: str = _choices("rescale", "fp32", default="rescale")
     int8: Int8Config = field(default_factory=Int8Config)
 

@@ -76,6 +76,9 @@ DESCRIPTIONS: dict[str, str] = {
     "monitor_options.max_records": "Monitor: samples kept per layer (oldest dropped).",
     "activations.storage": "Tensors saved for backward: `hp` (as saved) or `fp8` (E4M3, group scales; COAT, docs/recipes.md).",
     "activations.group_size": "FP8 activation storage: consecutive elements sharing one scale (COAT: 1x16).",
+    "linear.weight_grad_gemm": "With an FP8 `weight_grad`: what the weight-gradient GEMM writes before the encode — "
+                               "`fp32`, or `bf16` (half the transient gradient's memory and traffic; one extra "
+                               "rounding 16x finer than E4M3's).",
     "activations.min_numel": "FP8 activation storage: tensors with fewer elements are saved as they are.",
     "activations.attention": "FP8 activation storage: `exact` keeps attention's saves in the model dtype; `fp8` saves "
                              "q/k/v in FP8 and recomputes attention in backward (no output or logsumexp kept).",

@@ -212,8 +212,9 @@ def to_fp8_weight_grad(dw: torch.Tensor, weight: torch.Tensor, cfg: Any) -> Fp8G
     fmt = get_format(cfg.weight_grad)
     if dw.shape != weight.shape:
         raise ValueError(f"weight gradient shape {tuple(dw.shape)} does not match the weight's {tuple(weight.shape)}.")
-    dw = dw.float()
     if mode == "fp32":
-        return Fp8Grad(None, torch.ones((), device=dw.device), fmt, weight.dtype, mode, pending=dw)
+        return Fp8Grad(None, torch.ones((), device=dw.device), fmt, weight.dtype, mode, pending=dw.float())
+    if dw.dtype not in (torch.float32, torch.bfloat16):  # a bf16 GEMM output is encoded as it is (no FP32 copy)
+        dw = dw.float()
     codes, scale = encode_fp8(dw, fmt)
     return Fp8Grad(codes, scale, fmt, weight.dtype, mode)

@@ -37,6 +37,15 @@ def _just_in_time(hp: torch.Tensor, fmt: Format, gran: Granularity) -> tuple[tor
     return quantize(hp, scale, fmt, gran), scale
 
 
+def _weight_grad_dtype(layer: "LowBitLinear") -> torch.dtype:
+    """What the weight-gradient GEMM writes: the weight's dtype for a high-precision gradient, else (an FP8 gradient,
+    encoded next) FP32 or, with ``linear.weight_grad_gemm: bf16``, bf16."""
+    cfg = layer.lb_config
+    if cfg.weight_grad == "hp":
+        return layer.weight.dtype
+    return torch.bfloat16 if cfg.weight_grad_gemm == "bf16" else torch.float32
+
+
 class Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -113,7 +122,7 @@ class Fp8LinearFunction(torch.autograd.Function):
                 # A 16-bit weight gradient comes straight out of the GEMM (FP32 accumulation, one rounding in its
                 # epilogue — the same value as FP32 output then .to()), saving an FP32 write + read of dW: 8 bytes per
                 # parameter per step, ~1.3 ms/step on the 4096-wide anchor at 3 TB/s (estimated, not timed alone).
-                dw_dtype = layer.weight.dtype if layer.lb_config.weight_grad == "hp" else torch.float32
+                dw_dtype = _weight_grad_dtype(layer)
                 dw = fp8_mm_nt(dy_t_lp, dy_scale, x_t_lp, x_scale, dw_dtype,
                                a_scale_inv=dy_scale_inv, b_scale_inv=x_scale_inv)
         else:
@@ -126,8 +135,9 @@ class Fp8LinearFunction(torch.autograd.Function):
             if need_dw:
                 dy_t_lp, dy_t_scale = _just_in_time(dy2d.t(), go_state.fmt, go_gran)
                 x_t_lp, x_t_scale = _just_in_time(x2d.t(), layer.input_scaling.fmt, layer.input_scaling.granularity)
-                dw = fp8_mm_nt(dy_t_lp, dy_t_scale, x_t_lp, x_t_scale, torch.float32, go_gran,
-                               layer.input_scaling.granularity)
+                dw = fp8_mm_nt(dy_t_lp, dy_t_scale, x_t_lp, x_t_scale,
+                               torch.float32 if layer.lb_config.weight_grad == "hp" else _weight_grad_dtype(layer),
+                               go_gran, layer.input_scaling.granularity)
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         if dw is not None:

@@ -100,7 +100,10 @@ def quantize(
     """
     fmt = get_format(fmt)
     g = Granularity.parse(granularity)
-    scaled = as_2d(x).float() * expand_scale(scale.float(), x.shape, g)
+    x2 = as_2d(x)
+    factor = expand_scale(scale.float(), x.shape, g)
+    # A 16-bit input's FP32 upcast is a fresh copy: scale it in place (one full-size FP32 temporary, not two).
+    scaled = x2 * factor if x2.dtype == torch.float32 else x2.float().mul_(factor)
     if rounding == "stochastic":
         scaled = round_stochastic(scaled, fmt, generator)
     elif rounding != "nearest":
