@@ -62,6 +62,7 @@ case "${1:-checks}" in
     # cached launcher, and the issue-7 peak with the memory changes (docs/recipes.md "What the 5.00 GiB peak"),
     # FP8-saved attention (activations.attention: fp8) included. ~6 min.
     timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_grad_encode_gpu.py \
+      tests/gpu/test_memory_options_gpu.py \
       tests/optim/test_relaunch_mixed.py tests/int8 2>&1 | tail -8 | tee "$OUT/pending_pytest.txt"
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --json "$OUT/peak.json" 2>&1 | tail -14
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --fused-encode \
