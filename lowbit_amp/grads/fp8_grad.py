@@ -24,6 +24,7 @@ would have turned inf into a finite ±448·scale⁻¹ and hidden it.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Self
 
 import torch
@@ -57,7 +58,8 @@ def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tenso
 #: Off until tests/gpu/test_fp8_grad_encode_gpu.py has passed on a GPU: the path was written on 2026-12-01 after the
 #: session's device time was spent (the kernel and its flag combination are the ones the compiled custom op already
 #: runs, but this caller is unverified there). The GPU tests switch it on to measure it; flip the default once they pass.
-FUSED_ENCODE = False
+#: ``LOWBIT_AMP_FUSED_ENCODE=1`` switches it on for a whole process (benchmarks that build models in subprocesses).
+FUSED_ENCODE = os.environ.get("LOWBIT_AMP_FUSED_ENCODE", "0") == "1"
 
 
 def _fused_encode_serves(hp: torch.Tensor, fmt: Format) -> bool:
