@@ -150,7 +150,8 @@ class LinearConfig:
     # With an FP8 ``weight_grad``: the dtype the weight-gradient GEMM writes before the FP8 encode. ``fp32`` (default):
     # one rounding, to FP8. ``bf16``: the GEMM's epilogue rounds to bf16 first (unit roundoff 2^-8, 16x finer than
     # E4M3's 2^-4), halving the transient full-size gradient and its write + read (docs/recipes.md: no measurable
-    # quality change on CPU; the GPU memory/speed effect is not measured yet, hence off by default).
+    # quality change on CPU; the GPU memory/speed effect is not measured yet, hence off by default). Ignored where
+    # weight_grad is hp (that GEMM writes the weight's dtype), so a per-module hp override needs no change here.
     weight_grad_gemm: str = _choices("fp32", "bf16", default="fp32")
     grad_accumulation: str = _choices("rescale", "fp32", default="rescale")
     int8: Int8Config = field(default_factory=Int8Config)
@@ -283,6 +284,10 @@ class ActivationConfig:
             raise ConfigError(f"activations.group_size must be >= 1, got {self.group_size}.")
         if self.min_numel < 0:
             raise ConfigError(f"activations.min_numel must be >= 0, got {self.min_numel}.")
+        if self.attention == "fp8" and self.storage != "fp8":
+            raise ConfigError("activations.attention='fp8' is part of FP8 activation storage (it saves attention's "
+                              "q/k/v with that recipe's group scaling): set activations.storage: fp8 as well, or "
+                              "leave activations.attention: exact.")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit_amp as amp
+from lowbit_amp.config import ConfigError
 from lowbit_amp.models import TinyGPT
 from lowbit_amp.parity import PARITY_CONFIG
 from lowbit_amp.quant.metrics import sqnr_db
@@ -88,8 +89,10 @@ def test_declines_dropout_grad_masks_and_no_grad() -> None:
 def test_unknown_mode_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="attention='int4'"):
         fp8_activation_storage(attention="int4")
-    with pytest.raises(amp.ConfigError if hasattr(amp, "ConfigError") else Exception, match="attention"):
+    with pytest.raises(ConfigError, match="attention"):
         amp.initialize(TinyGPT(PARITY_CONFIG), opt_level="O1", activations={"storage": "fp8", "attention": "int4"})
+    with pytest.raises(ConfigError, match="activations.storage: fp8"):  # the option alone would silently do nothing
+        amp.initialize(TinyGPT(PARITY_CONFIG), opt_level="O1", activations={"attention": "fp8"})
 
 
 def test_tiny_gpt_trains_within_2_percent_of_o0() -> None:
