@@ -172,6 +172,9 @@ def test_report_saves_json_and_plots_need_the_extra(tmp_path, monkeypatch) -> No
 
 
 def auto_fallback_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    # Seeded: with the global RNG left by earlier tests, ~3% of initialisations make "normal"'s output gradient jump
+    # when "hot" moves to high precision, saturating a column of it for 3 samples (found by CI, 2026-12-01).
+    torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("normal", nn.Linear(32, 32))
     model.add_module("hot", nn.Linear(32, 32))
