@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", default=None)
     parser.add_argument("--fused-encode", action="store_true",
-                        help="encode FP8 weight gradients with the fused cast kernel (lowbit_amp.grads.fp8_grad.FUSED_ENCODE)")
+                        help="encode FP8 weight gradients with the fused cast kernel "
+                             "(lowbit_amp.grads.fp8_grad.FUSED_ENCODE)")
     args = parser.parse_args()
     if args.fused_encode:
         import lowbit_amp.grads.fp8_grad as fp8_grad
@@ -95,7 +96,8 @@ def main() -> None:
         groups[where][0] += size
         groups[where][1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    print(f"variant {args.variant}{' (fused encode)' if args.fused_encode else ''}: max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB; "
+    tag = " (fused encode)" if args.fused_encode else ""
+    print(f"variant {args.variant}{tag}: max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB; "
           f"replayed peak {(baseline + traced_peak) / 2**30:.3f} GiB = held before the traced steps "
           f"{baseline / 2**30:.3f} + allocated during them {traced_peak / 2**30:.3f}")
     print(f"{'MiB':>9} {'n':>4}  allocation site (live at the peak)")

@@ -63,7 +63,7 @@ case "${1:-checks}" in
     # cached launcher, and the issue-7 peak with the memory changes (docs/recipes.md "What the 5.00 GiB peak"),
     # FP8-saved attention (activations.attention: fp8) included. ~6 min.
     timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_grad_encode_gpu.py \
-      tests/gpu/test_memory_options_gpu.py \
+      tests/gpu/test_memory_options_gpu.py tests/gpu/test_group_cast_gpu.py \
       tests/optim/test_relaunch_mixed.py tests/int8 2>&1 | tail -8 | tee "$OUT/pending_pytest.txt"
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --json "$OUT/peak.json" 2>&1 | tail -14
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache --fused-encode \
@@ -78,6 +78,9 @@ case "${1:-checks}" in
     timeout 420 python bench/bench_coat.py --sections e2e --variants \
       bf16,O3+fp8act+nocache,O3+fp8act+nocache+fp8attn,O3+fp8act+nocache+fp8attn+wgbf16,O3+nocache,O3+nocache+wgbf16 \
       2>&1 | tail -14
+    # the Triton group cast (COAT's casts: +26-28 ms/step with the reference ops), same variants' step time
+    LOWBIT_AMP_FUSED_GROUP_CAST=1 timeout 150 python bench/bench_coat.py --sections e2e \
+      --variants O3+fp8act+nocache,O3+fp8act+nocache+fp8attn 2>&1 | tail -6
     ;;
   *)
     echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity|pending|pending_memory" >&2; exit 2

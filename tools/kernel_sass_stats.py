@@ -69,8 +69,8 @@ def main() -> None:
         ops = opcode_counts(sass_of(compiled))
         total = sum(ops.values())
         ptx = compiled.asm["ptx"]
-        regs = re.search(r"\.maxnreg|REG:(\d+)", sass_of(compiled))
-        print(f"{name}: {total} SASS instructions ({total / elems:.1f} per element), "
+        print(f"{name}: {total} SASS instructions, static count over every branch ({total / elems:.1f} per element "
+              f"of a thread's {elems:.0f}), "
               f"libdevice log2 polynomials in PTX: "
               f"{ptx.count('__nv_log2f.exit')}, MUFU {ops['MUFU']}, SHFL {ops['SHFL']}")
         print("   ", ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top)))

@@ -42,7 +42,8 @@ _TENSOR_DATA = torch.Tensor.data  # torch's own getset descriptor, which Fp8Grad
 def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above).
 
-    On CUDA (eager, with :data:`FUSED_ENCODE`) the fused cast kernel serves it: two passes (amax, then cast) and no full-size temporaries. The
+    On CUDA (eager, with :data:`FUSED_ENCODE`) the fused cast kernel serves it: two passes (amax, then cast) and no
+    full-size temporaries. The
     reference's ``x * scale`` and ``clamp`` each allocate an FP32 copy of the gradient: for the 4096x14336 weights of
     the issue-7 anchor that was 448 MiB live at the step's memory peak, on top of the GEMM's FP32 output (H200
     allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
@@ -57,7 +58,8 @@ def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tenso
 
 #: Off until tests/gpu/test_fp8_grad_encode_gpu.py has passed on a GPU: the path was written on 2026-12-01 after the
 #: session's device time was spent (the kernel and its flag combination are the ones the compiled custom op already
-#: runs, but this caller is unverified there). The GPU tests switch it on to measure it; flip the default once they pass.
+#: runs, but this caller is unverified there). The GPU tests switch it on to measure it; flip the default once they
+#: pass.
 #: ``LOWBIT_AMP_FUSED_ENCODE=1`` switches it on for a whole process (benchmarks that build models in subprocesses).
 FUSED_ENCODE = os.environ.get("LOWBIT_AMP_FUSED_ENCODE", "0") == "1"
 

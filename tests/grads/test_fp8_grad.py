@@ -256,7 +256,8 @@ def test_data_setter_with_an_fp8_grad_shares_its_codes() -> None:
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("shape", [(32, 48), (17, 33)])
-def test_bf16_weight_grad_gemm_is_the_fp32_encode_of_the_bf16_rounded_gradient(fmt: str, shape: tuple[int, int]) -> None:
+def test_bf16_weight_grad_gemm_is_the_fp32_encode_of_the_bf16_rounded_gradient(fmt: str,
+                                                                              shape: tuple[int, int]) -> None:
     """``linear.weight_grad_gemm: bf16``: the GEMM writes the FP32 result rounded to bf16 and the codes are exactly
     those of encoding that (one extra rounding, nothing else); its error vs float64 stays within 0.3 dB of the FP32
     path's (SQNR ~20 dB here)."""
