@@ -43,10 +43,9 @@ def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tenso
     """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above).
 
     On CUDA (eager, with :data:`FUSED_ENCODE`) the fused cast kernel serves it: two passes (amax, then cast) and no
-    full-size temporaries. The
-    reference's ``x * scale`` and ``clamp`` each allocate an FP32 copy of the gradient: for the 4096x14336 weights of
-    the issue-7 anchor that was 448 MiB live at the step's memory peak, on top of the GEMM's FP32 output (H200
-    allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
+    full-size temporaries. The reference's ``x * scale`` and ``clamp`` each allocated an FP32 copy of the gradient
+    (``clamp`` is now in place): for the 4096x14336 weights of the issue-7 anchor that was 448 MiB live at the step's
+    memory peak, on top of the GEMM's FP32 output (H200 allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
     (tests/gpu/test_fp8_grad_encode_gpu.py); for a non-finite one the scale is NaN either way, which is all that
     marks it (its codes are not meaningful on either path)."""
     if _fused_encode_serves(hp, fmt):
