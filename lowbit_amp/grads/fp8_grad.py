@@ -65,9 +65,11 @@ FUSED_ENCODE = os.environ.get("LOWBIT_AMP_FUSED_ENCODE", "0") == "1"
 
 def _fused_encode_serves(hp: torch.Tensor, fmt: Format) -> bool:
     """The fused kernel's preconditions (lowbit_amp/kernels/dispatch.py) for a per-tensor, round-to-nearest encode."""
+    if not FUSED_ENCODE or hp.device.type != "cuda":  # every weight gradient passes here: the cheap tests first
+        return False
     from lowbit_amp.kernels.dispatch import fused_kernels_available
 
-    return (FUSED_ENCODE and hp.device.type == "cuda" and hp.dim() >= 1 and hp.numel() > 0 and fmt.is_float
+    return (hp.dim() >= 1 and hp.numel() > 0 and fmt.is_float
             and hp.dtype in (torch.bfloat16, torch.float16, torch.float32) and fused_kernels_available()
             and not torch.compiler.is_compiling())
 

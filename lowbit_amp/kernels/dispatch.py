@@ -56,6 +56,6 @@ def fused_cast_unavailable(
         return f"operand shape {tuple(x.shape)}; the kernel takes a non-empty 2-D operand"
     if x.dtype not in _KERNEL_DTYPES:
         return f"input dtype {x.dtype}; the kernel reads bf16/fp16/fp32"
-    if not _TRITON_IMPORTABLE:
+    if not fused_kernels_available():
         return "triton is not importable"
     return None

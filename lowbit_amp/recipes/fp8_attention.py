@@ -36,13 +36,19 @@ def _recomputing() -> bool:
     return getattr(_local, "recompute", False)
 
 
+def _named(args: tuple, kwargs: dict) -> dict:
+    """SDPA's arguments after q, k, v, by name (positional ones included)."""
+    named = dict(zip(_ARG_NAMES, args[3:]))
+    named.update(kwargs)
+    return named
+
+
 def qkv_eligible(args: tuple, kwargs: dict, min_numel: int) -> bool:
     """Whether an SDPA call (its positional args and kwargs) can take the FP8-saved path."""
     if _recomputing() or len(args) < 3 or not torch.is_grad_enabled():
         return False
     q, k, v = args[:3]
-    named = dict(zip(_ARG_NAMES, args[3:]))
-    named.update(kwargs)
+    named = _named(args, kwargs)
     if float(named.get("dropout_p", 0.0) or 0.0) != 0.0:
         return False
     mask = named.get("attn_mask")
@@ -94,6 +100,4 @@ class _Fp8SavedAttention(torch.autograd.Function):
 def fp8_saved_attention(args: tuple, kwargs: dict, group_size: int, stats: Any = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(*args, **kwargs)`` with q, k, v saved in FP8 (check :func:`qkv_eligible`)."""
     q, k, v = args[:3]
-    named = dict(zip(_ARG_NAMES, args[3:]))
-    named.update(kwargs)
-    return _Fp8SavedAttention.apply(q, k, v, group_size, stats, named)
+    return _Fp8SavedAttention.apply(q, k, v, group_size, stats, _named(args, kwargs))
