@@ -117,8 +117,9 @@ def group_dequant_kernel(codes_ptr, shifts_ptr, tscale_ptr, out_ptr, n_groups, G
     else:
         c = _decode_e4m3(tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0))
     y = c * inv[:, None]
-    if OUT_KIND == 0:  # bfloat16, round-to-nearest-even on the bits (the interpreter's own cast truncates)
-        tl.store(out_ptr + offs, _f32_to_bf16_rn(y), mask=g_ok[:, None])
+    if OUT_KIND == 0:  # bfloat16, round-to-nearest-even on the bits (the interpreter's own cast truncates); the
+        # bitcast matters: a uint16 stored through a bf16 pointer is converted by value on the GPU (run 2026-12-01 i)
+        tl.store(out_ptr + offs, _f32_to_bf16_rn(y).to(tl.bfloat16, bitcast=True), mask=g_ok[:, None])
     elif OUT_KIND == 1:
         tl.store(out_ptr + offs, y.to(tl.float16), mask=g_ok[:, None])
     else:

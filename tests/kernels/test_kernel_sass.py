@@ -30,3 +30,24 @@ def test_adam_kernel_has_no_libdevice_log2_and_bounded_8bit_v_cost() -> None:
         counts[name] = sum(opcode_counts(sass_of(compiled)).values())
     fp16_v, e4m3_v = counts.values()
     assert e4m3_v / fp16_v < 1.4, counts
+
+
+def test_group_dequant_stores_bf16_bits_not_a_value_conversion() -> None:
+    """The group cast's bf16 output is formed as RNE bits (uint16); stored through a bf16 pointer without a bitcast,
+    Triton converts the *integer value* on the GPU (``cvt.rn.bf16.u32``) while the interpreter reinterprets the bits —
+    the interpreter test passed and the GPU test failed (H200, 2026-12-01). Compiled for sm_90 without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit_amp.kernels import group_cast
+
+    sig = {"codes_ptr": "*fp8e4nv", "shifts_ptr": "*u8", "tscale_ptr": "*fp32", "out_ptr": "*bf16",
+           "n_groups": "i32", "GS": "constexpr", "GB": "constexpr", "OUT_KIND": "constexpr", "HW_FP8": "constexpr"}
+    src = ASTSource(fn=group_cast.group_dequant_kernel, signature=sig,
+                    constexprs=dict(GS=16, GB=64, OUT_KIND=0, HW_FP8=True))
+    try:
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this Triton build
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    assert "cvt.rn.bf16.u" not in ptx
