@@ -18,6 +18,7 @@ Variants (same batch, same data), named ``LEVEL[e][+fp8act][+nocache]``:
     O3e+fp8act    O3+fp8act with the 8-bit second moment too (``optimizer.exp_avg_sq: e4m3_expand``)
     ...+nocache   ``linear.weight_cache: none``: no FP8 weight copy held (W cast per forward, Wᵀ re-cast in backward)
     ...+fp8attn   (with +fp8act) ``activations.attention: fp8``: q/k/v saved in FP8, attention recomputed in backward
+    ...+glu       (with +fp8act) ``activations.glu: fused``: silu(a) * b saves a and b only, one fused backward pass
     ...+wgbf16    ``linear.weight_grad_gemm: bf16``: the weight-gradient GEMM writes bf16 before the FP8 encode
 
 Each e2e variant runs in its own Python subprocess (``--one-variant``, which writes one JSON record the parent
@@ -94,11 +95,13 @@ def _initialize(model, opt, variant: str, **activations):  # type: ignore[no-unt
             overrides["linear.weight_cache"] = "none"
         elif extra == "fp8attn":  # with +fp8act: attention's q/k/v saved in FP8, attention recomputed in backward
             overrides["activations.attention"] = "fp8"
+        elif extra == "glu":  # with +fp8act: silu(a) * b saves a and b only, one fused backward pass
+            overrides["activations.glu"] = "fused"
         elif extra == "wgbf16":  # O2+: the weight-gradient GEMM writes bf16 before the FP8 encode
             overrides["linear.weight_grad_gemm"] = "bf16"
         else:
             raise ValueError(f"Unknown variant suffix {extra!r} in {variant!r}; known: '+fp8act', '+nocache', "
-                             "'+fp8attn', '+wgbf16'.")
+                             "'+fp8attn', '+glu', '+wgbf16'.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return amp.initialize(model, opt, opt_level=level, overrides=overrides)

@@ -8,6 +8,8 @@
 #   bash bench/run_gpu.sh e2e      # bench_all.py e2e_big e2e_small (bf16 / lowbit O1 / torchao; eager and compiled)
 #   bash bench/run_gpu.sh pending  # GPU checks of work written without device time (see the case below)
 #   bash bench/run_gpu.sh pending_memory  # then the issue-7 memory table with those options
+#   bash bench/run_gpu.sh issue7   # group cast + fused SwiGLU GPU tests, the low-memory peak breakdown and table
+#   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -82,7 +84,26 @@ case "${1:-checks}" in
     LOWBIT_AMP_FUSED_GROUP_CAST=1 timeout 150 python bench/bench_coat.py --sections e2e \
       --variants O3+fp8act+nocache,O3+fp8act+nocache+fp8attn 2>&1 | tail -6
     ;;
+  issue7)
+    # The group-cast bf16 fix and the fused SwiGLU backward (activations.glu: fused) on the GPU; then, with the Triton
+    # group cast on only if its test passed: the peak breakdown with every memory option (configs/O3_low_memory.yaml's
+    # variant) and the issue-7 table, one process per variant. ~5 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_group_cast_gpu.py tests/gpu/test_fp8_swiglu_gpu.py \
+      > "$OUT/issue7_pytest.txt" 2>&1
+    rc=$?; tail -6 "$OUT/issue7_pytest.txt"
+    if [ "$rc" = 0 ]; then export LOWBIT_AMP_FUSED_GROUP_CAST=1; else echo "group cast / glu GPU tests failed: reference casts"; fi
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn+glu+wgbf16 \
+      --json "$OUT/peak_low_memory.json" 2>&1 | tail -16
+    timeout 330 python bench/bench_coat.py --sections e2e --variants \
+      bf16,O3+nocache,O3+fp8act+nocache+fp8attn+wgbf16,O3+fp8act+nocache+fp8attn+glu+wgbf16 2>&1 | tail -10
+    ;;
+  e2e6)
+    # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
+    export BENCH_VARIANTS=${BENCH_VARIANTS-bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_cw_compile}
+    timeout 300 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -14
+    cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
+    ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|parity|pending|pending_memory" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7" >&2; exit 2
     ;;
 esac

@@ -278,6 +278,10 @@ class ActivationConfig:
     # With storage fp8: ``exact`` keeps everything attention saves in the model dtype; ``fp8`` saves q, k, v in FP8
     # and recomputes attention in backward (no output / logsumexp kept; lowbit_amp/recipes/fp8_attention.py).
     attention: str = _choices("exact", "fp8", default="exact")
+    # With storage fp8: ``fused`` turns ``silu(a) * b`` into one node that saves a and b only (silu(a) is recomputed)
+    # and whose backward decodes both in one pass, instead of three saved FP8 tensors decoded to the model dtype
+    # (lowbit_amp/recipes/fp8_swiglu.py).
+    glu: str = _choices("separate", "fused", default="separate")
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -288,6 +292,10 @@ class ActivationConfig:
             raise ConfigError("activations.attention='fp8' is part of FP8 activation storage (it saves attention's "
                               "q/k/v with that recipe's group scaling): set activations.storage: fp8 as well, or "
                               "leave activations.attention: exact.")
+        if self.glu == "fused" and self.storage != "fp8":
+            raise ConfigError("activations.glu='fused' is part of FP8 activation storage (it saves the SwiGLU's "
+                              "inputs with that recipe's group scaling): set activations.storage: fp8 as well, or "
+                              "leave activations.glu: separate.")
 
 
 @dataclass(frozen=True)

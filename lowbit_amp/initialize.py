@@ -101,7 +101,7 @@ def initialize(
         from lowbit_amp.recipes.fp8_activations import attach as attach_fp8_activations
 
         attach_fp8_activations(model, config.activations.group_size, config.activations.min_numel,
-                               config.activations.attention)
+                               config.activations.attention, config.activations.glu)
     if optimizer is None:
         return model
     if config.optimizer.enabled or config.linear.weight_grad != "hp":

@@ -66,6 +66,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lowbit_amp.formats import E4M3
+from lowbit_amp.recipes.fp8_swiglu import MUL_FUNCTIONS as _MUL_FUNCTIONS
+from lowbit_amp.recipes.fp8_swiglu import GluMatcher as _GluMatcher
 
 __all__ = [
     "EXACT_FUNCTIONS",
@@ -101,6 +103,7 @@ EXACT_FUNCTIONS: frozenset = frozenset({
 """Functions whose saved tensors stay in high precision (their backward exponentiates a saved log-domain value)."""
 
 ATTENTION_MODES = ("exact", "fp8")
+GLU_MODES = ("separate", "fused")
 
 
 # ------------------------------------------------------------------------------------------------ the group cast
@@ -235,6 +238,7 @@ class SavedStats:
     packed_bytes_out: int = 0  # their FP8 codes + shifts + scales
     kept_bytes: int = 0  # floating tensors saved as they are (small, parameters, exact regions), distinct storages
     reused: int = 0  # saves of a tensor already packed in this forward (shared, not packed twice)
+    glu_fused: int = 0  # silu(a) * b products that saved a and b only (glu='fused', recipes/fp8_swiglu.py)
     kept_reasons: dict[str, int] = field(default_factory=dict)  # saves left as they are, by reason
     kept_bytes_by_reason: dict[str, int] = field(default_factory=dict)  # kept_bytes split by the same reasons
 
@@ -308,6 +312,18 @@ class _ExactFunctions(TorchFunctionMode):
         if func in EXACT_FUNCTIONS:
             with exact_storage():
                 return func(*args, **kwargs)
+        if storage.glu == "fused":
+            if func is F.silu:
+                from lowbit_amp.recipes import fp8_swiglu
+
+                if fp8_swiglu.silu_eligible(args, kwargs, storage.min_numel) and not _exact_depth():
+                    return fp8_swiglu.silu(func, args, kwargs, storage.glu_matcher)
+            elif func in _MUL_FUNCTIONS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
+                hit = storage.glu_matcher.match(*args)
+                if hit is not None:
+                    from lowbit_amp.recipes import fp8_swiglu
+
+                    return fp8_swiglu.fused_swiglu(*hit, storage)
         return func(*args, **kwargs)
 
 
@@ -323,16 +339,22 @@ class Fp8ActivationStorage:
             :attr:`stats`.
         attention: ``exact`` (attention's saves stay in the model dtype) or ``fp8`` (q, k, v saved in FP8 and
             attention recomputed in backward: :mod:`lowbit_amp.recipes.fp8_attention`).
+        glu: ``separate`` (SiLU and the product save their operands as any op) or ``fused`` (``silu(a) * b`` saves
+            ``a`` and ``b`` only, its backward decodes them in one pass: :mod:`lowbit_amp.recipes.fp8_swiglu`).
     """
 
     def __init__(self, group_size: int = 16, min_numel: int = 1 << 16, params: Any = (),
-                 module: nn.Module | None = None, attention: str = "exact") -> None:
+                 module: nn.Module | None = None, attention: str = "exact", glu: str = "separate") -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}.")
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention={attention!r} is not one of {list(ATTENTION_MODES)}.")
+        if glu not in GLU_MODES:
+            raise ValueError(f"glu={glu!r} is not one of {list(GLU_MODES)}.")
         self.group_size = group_size
         self.attention = attention
+        self.glu = glu
+        self.glu_matcher = _GluMatcher()
         self.min_numel = min_numel
         self.stats = SavedStats()
         self._params = list(params)
@@ -420,24 +442,26 @@ class Fp8ActivationStorage:
         if not self._stack:
             self._seen.clear()
             self._kept_ptrs.clear()
+            self.glu_matcher.clear()
 
 
 def fp8_activation_storage(group_size: int = 16, min_numel: int = 1 << 16, module: nn.Module | None = None,
-                           attention: str = "exact") -> Fp8ActivationStorage:
+                           attention: str = "exact", glu: str = "separate") -> Fp8ActivationStorage:
     """A context manager storing saved activations in FP8 (``with fp8_activation_storage(module=model): loss = ...``).
 
     Pass ``module`` so its parameters and buffers are recognised and never copied; ``attention='fp8'`` also saves
-    attention's q, k, v in FP8 (:mod:`lowbit_amp.recipes.fp8_attention`).
+    attention's q, k, v in FP8 (:mod:`lowbit_amp.recipes.fp8_attention`); ``glu='fused'`` saves ``silu(a) * b`` as
+    ``a`` and ``b`` only (:mod:`lowbit_amp.recipes.fp8_swiglu`).
     """
-    return Fp8ActivationStorage(group_size, min_numel, module=module, attention=attention)
+    return Fp8ActivationStorage(group_size, min_numel, module=module, attention=attention, glu=glu)
 
 
 # ------------------------------------------------------------------------------------------------ amp.initialize hook
 HOOK_ATTR = "_lowbit_fp8_activations"
 
 
-def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16, attention: str = "exact"
-           ) -> Fp8ActivationStorage:
+def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16, attention: str = "exact",
+           glu: str = "separate") -> Fp8ActivationStorage:
     """Run ``model``'s every forward inside FP8 activation storage (what ``activations.storage: fp8`` does).
 
     A forward pre-hook on the root module enters the hooks and a forward hook (``always_call``: also when forward
@@ -446,7 +470,7 @@ def attach(model: nn.Module, group_size: int = 16, min_numel: int = 1 << 16, att
     """
     if getattr(model, HOOK_ATTR, None) is not None:
         raise ValueError("FP8 activation storage is already attached to this model.")
-    storage = Fp8ActivationStorage(group_size, min_numel, module=model, attention=attention)
+    storage = Fp8ActivationStorage(group_size, min_numel, module=model, attention=attention, glu=glu)
 
     def pre(_module: nn.Module, _args: Any) -> None:
         if torch.compiler.is_compiling():  # traced hooks: see _refuse_compiled_caller

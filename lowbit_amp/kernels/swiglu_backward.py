@@ -1,0 +1,89 @@
+"""Triton backward of ``silu(a) * b`` from the FP8 group codes of ``a`` and ``b`` (:mod:`lowbit_amp.recipes.fp8_swiglu`).
+
+Why: decoding both saved inputs to the model dtype before the elementwise gradients costs two full-size tensors of
+transient memory at the step's peak (448 MiB on the issue-7 anchor) and ~3 passes over memory; here each program
+decodes its groups in registers (``code * (S * 2^k)^-1``, the inverse formed in float64 and rounded once, as
+:func:`lowbit_amp.recipes.fp8_activations.dequantize_groups`), computes both gradients in FP32 and rounds each once to
+the gradient's dtype. Traffic per element: 2 bytes of gradient in, 2 code bytes in, 4 bytes of gradients out (bf16).
+
+Numerics: the same FP32 formula as :func:`lowbit_amp.recipes.fp8_swiglu.swiglu_backward_reference` (``sig =
+1 / (1 + e)``, ``e = exp(-a)``, ``1 - sig = e * sig`` for ``a >= 0``); the exponential is the hardware's, so the two agree to about an FP32 ulp before the final
+rounding, not bit for bit (tests: interpreter tests/recipes/test_fp8_swiglu.py, GPU tests/gpu/test_fp8_swiglu_gpu.py).
+Imports Triton at module level: imported only when the fused path serves.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit_amp.kernels.fp8_bits import _decode_e4m3, _f32_to_bf16_rn
+
+GROUPS_PER_PROGRAM = 64
+
+
+@triton.jit
+def _pow2_f64(k):
+    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _decode(codes_ptr, shifts_ptr, tscale_ptr, g, g_ok, offs, HW_FP8: tl.constexpr):
+    inv = (1.0 / (tl.load(tscale_ptr).to(tl.float64)
+                  * _pow2_f64(tl.load(shifts_ptr + g, mask=g_ok, other=0).to(tl.int32)))).to(tl.float32)
+    if HW_FP8:
+        c = tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        c = _decode_e4m3(tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0))
+    return c * inv[:, None]
+
+
+@triton.jit
+def _store(ptr, offs, y, mask, OUT_KIND: tl.constexpr):
+    if OUT_KIND == 0:  # bfloat16: RNE on the bits (the interpreter's cast truncates), stored as a bitcast
+        tl.store(ptr + offs, _f32_to_bf16_rn(y).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(ptr + offs, y.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def swiglu_backward_kernel(grad_ptr, a_codes, a_shifts, a_scale, b_codes, b_shifts, b_scale, ga_ptr, gb_ptr, numel,
+                           n_groups, GS: tl.constexpr, GB: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
+                           OUT_KIND: tl.constexpr, HW_FP8: tl.constexpr):
+    pid = tl.program_id(0)
+    g = pid * GB + tl.arange(0, GB)
+    g_ok = g < n_groups
+    offs = g[:, None] * GS + tl.arange(0, GS)[None, :]
+    in_t = offs < numel
+    grad = tl.load(grad_ptr + offs, mask=in_t, other=0.0).to(tl.float32)
+    a = _decode(a_codes, a_shifts, a_scale, g, g_ok, offs, HW_FP8)
+    e = tl.exp(-a)
+    sig = 1.0 / (1.0 + e)
+    if NEED_A:
+        b = _decode(b_codes, b_shifts, b_scale, g, g_ok, offs, HW_FP8)
+        one_minus = tl.where(a >= 0.0, e * sig, 1.0 - sig)  # no cancellation for a >= 0 (as the reference)
+        _store(ga_ptr, offs, grad * b * (sig * (1.0 + a * one_minus)), in_t, OUT_KIND)
+    if NEED_B:
+        _store(gb_ptr, offs, grad * (a * sig), in_t, OUT_KIND)
+
+
+_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def swiglu_backward_packed(grad: torch.Tensor, pa, pb, need_a: bool = True, need_b: bool = True):  # type: ignore[no-untyped-def]
+    """``(grad_a, grad_b)`` (None where not needed) of ``silu(a) * b`` for a contiguous ``grad`` and the
+    :class:`~lowbit_amp.recipes.fp8_activations.PackedActivation` of ``a`` and ``b`` (contiguous, same group size)."""
+    n_groups, group_size = pa.codes.shape
+    numel = grad.numel()
+    hw = grad.device.type == "cuda"
+    ga = torch.empty_like(grad) if need_a else None
+    gb = torch.empty_like(grad) if need_b else None
+    a_codes = pa.codes if hw else pa.codes.view(torch.uint8)
+    b_codes = pb.codes if hw else pb.codes.view(torch.uint8)
+    grid = (triton.cdiv(n_groups, GROUPS_PER_PROGRAM),)
+    swiglu_backward_kernel[grid](grad, a_codes, pa.shifts, pa.tensor_scale, b_codes, pb.shifts, pb.tensor_scale,
+                                 ga if ga is not None else grad, gb if gb is not None else grad, numel, n_groups,
+                                 GS=group_size, GB=GROUPS_PER_PROGRAM, NEED_A=need_a, NEED_B=need_b,
+                                 OUT_KIND=_OUT_KIND[grad.dtype], HW_FP8=hw)
+    return ga, gb
