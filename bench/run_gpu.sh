@@ -9,6 +9,7 @@
 #   bash bench/run_gpu.sh pending  # GPU checks of work written without device time (see the case below)
 #   bash bench/run_gpu.sh pending_memory  # then the issue-7 memory table with those options
 #   bash bench/run_gpu.sh issue7   # group cast + fused SwiGLU GPU tests, the low-memory peak breakdown and table
+#   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
@@ -97,6 +98,20 @@ case "${1:-checks}" in
     timeout 330 python bench/bench_coat.py --sections e2e --variants \
       bf16,O3+nocache,O3+fp8act+nocache+fp8attn+wgbf16,O3+fp8act+nocache+fp8attn+glu+wgbf16 2>&1 | tail -10
     ;;
+  issue7b)
+    # After the SwiGLU rework (SiLU keeps only the FP8 pack of its input) and with the Triton group cast on by default:
+    # GPU tests, the low-memory peak breakdown, the issue-7 table, and the GPU parity of configs/O3_low_memory.yaml
+    # vs O0 (SEEDS seeds, 6x512 tiny GPT; loss target within 1% of bf16). ~6 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_swiglu_gpu.py tests/gpu/test_group_cast_gpu.py \
+      tests/gpu/test_memory_options_gpu.py 2>&1 | tail -4 | tee "$OUT/issue7b_pytest.txt"
+    timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn+glu+wgbf16 \
+      --json "$OUT/peak_low_memory.json" 2>&1 | tail -16
+    timeout 200 python bench/bench_coat.py --sections e2e --variants \
+      bf16,O3+fp8act+nocache+fp8attn+wgbf16,O3+fp8act+nocache+fp8attn+glu+wgbf16 2>&1 | tail -8
+    python -m lowbit_amp --levels "O0,configs/O3_low_memory.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
+      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/parity_low_memory.json" 2>&1 | tail -14
+    ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
     export BENCH_VARIANTS=${BENCH_VARIANTS-bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_cw_compile}
@@ -104,6 +119,6 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b" >&2; exit 2
     ;;
 esac

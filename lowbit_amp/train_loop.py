@@ -27,6 +27,7 @@ from lowbit_amp.level_pieces import check_pieces
 from lowbit_amp.memory import SavedTensorMeter, training_state_bytes
 from lowbit_amp.models.tiny_gpt import TinyGPT, TinyGPTConfig
 from lowbit_amp.nn.linear import LowBitLinear
+from lowbit_amp.recipes.fp8_activations import storage_of
 
 __all__ = ["LevelResult", "TrainSettings", "build_optimizer", "lr_factor", "resolve_device", "train_level"]
 
@@ -171,7 +172,7 @@ def train_level(
     measure_at = min(1, settings.steps - 1)  # step 1: delayed-scaling states are warm by then
     losses: list[float] = []
     step_times: list[float] = []
-    state_bytes = 0
+    state_bytes = saved_bytes = 0
     start = time.perf_counter()
     for step in range(settings.steps):
         factor = lr_factor(step, settings.steps, settings.warmup_fraction)
@@ -191,6 +192,11 @@ def train_level(
         if step == measure_at:
             counts = training_state_bytes(model, optimizer)
             state_bytes = counts["params"] + counts["grads"] + counts["optimizer"]
+            fp8_storage = storage_of(model)
+            if fp8_storage is not None:  # its hooks are innermost, so the meter's saw nothing: count what it kept
+                saved_bytes = fp8_storage.stats.packed_bytes_out + fp8_storage.stats.kept_bytes
+            else:
+                saved_bytes = meter.bytes
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         step_times.append(time.perf_counter() - step_start)
@@ -215,7 +221,7 @@ def train_level(
         median_step_ms=median_s * 1e3,
         tokens_per_s=settings.batch_size * settings.block_size / median_s,
         state_mib=state_bytes / MIB,
-        saved_activations_mib=meter.bytes / MIB,
+        saved_activations_mib=saved_bytes / MIB,
         peak_allocated_mib=torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
         skipped_steps=scaler.skipped_steps if scaler is not None else 0,
         wall_s=wall,

@@ -44,8 +44,8 @@ high precision. Code that saves a legitimate ±inf (a masked score in a custom o
 Cost: plain PyTorch ops — pack is ``aminmax``, one multiply promoting to fp32, a clamp and the E4M3 cast (about 21
 bytes of traffic per bf16 element), unpack an upcast and a multiply written straight into the model dtype (about 11),
 chunked so the fp32 temporaries stay at ``_CHUNK`` elements. A Triton version of both casts
-(:mod:`lowbit_amp.kernels.group_cast`, ~5 bytes of traffic per bf16 element, bit-identical in Triton's interpreter)
-serves on CUDA once :data:`FUSED_GROUP_CAST` is on — off until its GPU test has run. Eager mode only: under
+(:mod:`lowbit_amp.kernels.group_cast`, ~5 bytes of traffic per bf16 element, bit-identical on the GPU and in
+Triton's interpreter) serves on CUDA (:data:`FUSED_GROUP_CAST`). Eager mode only: under
 ``torch.compile`` the hooks
 would see AOTAutograd's saved tensors, where the exact regions are not marked, so a compiled forward raises.
 """
@@ -124,10 +124,10 @@ class PackedActivation:
         return self.codes.nbytes + self.shifts.nbytes + self.tensor_scale.nbytes
 
 
-#: The Triton group cast (lowbit_amp/kernels/group_cast.py) instead of the reference ops, on CUDA: off until
-#: tests/gpu/test_group_cast_gpu.py has passed on a GPU (written 2026-12-01 without device time; bit-identical to the
-#: reference in Triton's interpreter). ``LOWBIT_AMP_FUSED_GROUP_CAST=1`` switches it on for a process.
-FUSED_GROUP_CAST = os.environ.get("LOWBIT_AMP_FUSED_GROUP_CAST", "0") == "1"
+#: The Triton group cast (lowbit_amp/kernels/group_cast.py) instead of the reference ops, on CUDA: on since
+#: tests/gpu/test_group_cast_gpu.py passed on an H200 (2026-12-01, bit-identical codes, shifts, scales and decoded
+#: values). ``LOWBIT_AMP_FUSED_GROUP_CAST=0`` switches it off for a process.
+FUSED_GROUP_CAST = os.environ.get("LOWBIT_AMP_FUSED_GROUP_CAST", "1") == "1"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -317,7 +317,7 @@ class _ExactFunctions(TorchFunctionMode):
                 from lowbit_amp.recipes import fp8_swiglu
 
                 if fp8_swiglu.silu_eligible(args, kwargs, storage.min_numel) and not _exact_depth():
-                    return fp8_swiglu.silu(func, args, kwargs, storage.glu_matcher)
+                    return fp8_swiglu.silu(args[0], storage, storage.glu_matcher)
             elif func in _MUL_FUNCTIONS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
                 hit = storage.glu_matcher.match(*args)
                 if hit is not None:

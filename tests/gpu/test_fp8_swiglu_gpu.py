@@ -49,23 +49,28 @@ def test_mlp_backward_peak_is_lower_and_gradients_agree() -> None:
         x = x0.clone().requires_grad_()
         for w in (w1, w3, w2):
             w.grad = None
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         if glu is None:
             y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
         else:
             with fa.fp8_activation_storage(min_numel=0, glu=glu):
                 y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
         torch.cuda.synchronize()
+        forward_peak = torch.cuda.max_memory_allocated() - start
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         y.backward(dy)
         torch.cuda.synchronize()
-        return x.grad.double(), torch.cuda.max_memory_allocated() - before, before
+        return x.grad.double(), torch.cuda.max_memory_allocated() - before, before - start, forward_peak
 
-    exact, _, _ = run(None)
-    sep, peak_sep, held_sep = run("separate")
-    fused, peak_fused, held_fused = run("fused")
+    exact, *_ = run(None)
+    sep, peak_sep, held_sep, fwd_sep = run("separate")
+    fused, peak_fused, held_fused, fwd_fused = run("fused")
     assert sqnr_db(fused, exact) >= 24.0 and sqnr_db(sep, exact) >= 24.0
     elem = tokens * ffn
     # separate decodes silu(a) and b (2 B/element each in bf16) before the product's backward; fused decodes nothing
     assert peak_fused <= peak_sep - 3 * elem, (peak_fused, peak_sep)
     assert held_fused <= held_sep - elem, (held_fused, held_sep)  # silu(a) no longer saved (~1.06 B/element)
+    assert fwd_fused <= fwd_sep, (fwd_fused, fwd_sep)  # a is not kept alive in the model dtype until the product

@@ -1,6 +1,6 @@
 """GPU-only: the Triton group cast of COAT's FP8 activation storage (lowbit_amp/kernels/group_cast.py) against the
 reference ops on CUDA, bit for bit (codes, shifts, tensor scale, decoded values). Written 2026-12-01 without device
-time; ``FUSED_GROUP_CAST`` in lowbit_amp/recipes/fp8_activations.py stays off until this passes. Skipped without
+time; ``FUSED_GROUP_CAST`` in lowbit_amp/recipes/fp8_activations.py was turned on once this passed (H200, 2026-12-01, after a bf16 store fix). Skipped without
 CUDA."""
 
 from __future__ import annotations
