@@ -10,6 +10,7 @@
 #   bash bench/run_gpu.sh pending_memory  # then the issue-7 memory table with those options
 #   bash bench/run_gpu.sh issue7   # group cast + fused SwiGLU GPU tests, the low-memory peak breakdown and table
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
+#   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
@@ -112,6 +113,16 @@ case "${1:-checks}" in
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_low_memory.json" 2>&1 | tail -14
     ;;
+  issue7c)
+    # Which pieces the 1.45x needs: the low-memory variant without the bf16 dW GEMM, and with the FP8 weight cache;
+    # the fixed bf16-dW GPU test; then a 5-seed GPU parity of configs/O3_low_memory.yaml vs O0. ~6 min.
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/gpu/test_memory_options_gpu.py 2>&1 | tail -3
+    timeout 260 python bench/bench_coat.py --sections e2e --variants \
+      bf16,O3+fp8act+nocache+fp8attn+glu,O3+fp8act+fp8attn+glu+wgbf16,O3+fp8act+nocache+fp8attn+glu+wgbf16 2>&1 | tail -8
+    python -m lowbit_amp --levels "O0,configs/O3_low_memory.yaml" --seeds "${SEEDS:-5}" --eval-batches 32 \
+      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/parity_low_memory.json" 2>&1 | tail -14
+    ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
     export BENCH_VARIANTS=${BENCH_VARIANTS-bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_cw_compile}
@@ -119,6 +130,6 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c" >&2; exit 2
     ;;
 esac
