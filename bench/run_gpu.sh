@@ -11,6 +11,7 @@
 #   bash bench/run_gpu.sh issue7   # group cast + fused SwiGLU GPU tests, the low-memory peak breakdown and table
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
+#   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
 #   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
@@ -123,6 +124,14 @@ case "${1:-checks}" in
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_low_memory.json" 2>&1 | tail -14
     ;;
+  issue7d)
+    # Paired, same run: O3 vs configs/O3_low_memory.yaml (what the activation recipes add on top of O3's optimizer) and
+    # O2 vs the same pieces on O2 (bench/configs/O2_low_memory.yaml), 5 seeds; and the bf16-dW GPU test in full. ~6 min.
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/gpu/test_memory_options_gpu.py -k weight_grad 2>&1 | grep -E "^E|passed|failed" | head -12
+    python -m lowbit_amp --levels "O3,configs/O3_low_memory.yaml,O2,bench/configs/O2_low_memory.yaml" --seeds "${SEEDS:-5}" \
+      --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/parity_low_memory_paired.json" 2>&1 | tail -16
+    ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
     export BENCH_VARIANTS=${BENCH_VARIANTS-bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_cw_compile}
@@ -130,6 +139,6 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c|issue7d" >&2; exit 2
     ;;
 esac
