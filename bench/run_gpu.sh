@@ -132,6 +132,12 @@ case "${1:-checks}" in
       --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_low_memory_paired.json" 2>&1 | tail -16
     ;;
+  o3spike)
+    # O3 spikes at step ~30 on the parity recipe's seed 3 (6x512, lr 3e-3; +5.4% val vs O0): which optimizer piece.
+    timeout 280 python -m lowbit_amp --levels "O0,O3,bench/configs/O3_m_bf16.yaml,bench/configs/O3_master_fp32.yaml,bench/configs/O3_v_fp32.yaml" \
+      --seeds "3," --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 \
+      --quiet --json "$OUT/o3spike.json" 2>&1 | tail -12
+    ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
     export BENCH_VARIANTS=${BENCH_VARIANTS-bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_cw_compile}
@@ -139,6 +145,6 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c|issue7d" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c|issue7d|o3spike" >&2; exit 2
     ;;
 esac
