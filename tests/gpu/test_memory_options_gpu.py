@@ -1,7 +1,7 @@
 """GPU-only: the memory options written on 2026-12-01 without device time, on CUDA — FP8-saved attention
 (``activations.attention: fp8``, flash/efficient SDPA backends) and the bf16 weight-gradient GEMM
-(``linear.weight_grad_gemm: bf16``). Numerics against the exact path with the CPU tests' floors, and the memory each
-is for, measured with the CUDA allocator. Skipped without CUDA."""
+(``linear.weight_grad_gemm: bf16``). Numerics against the exact path with the CPU tests' floors, and (attention) the
+memory it is for, measured with the CUDA allocator. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -79,7 +79,6 @@ def test_bf16_weight_grad_gemm_on_cuda() -> None:
                          torch.cuda.max_memory_allocated() - base_mem)
     (s32, peak32), (s16, peak16) = results["fp32"], results["bf16"]
     assert abs(s32 - s16) < 0.3, results
-    # the FP32 dW (128 MiB here) becomes bf16 (64 MiB): at least 48 MiB less at the backward's peak. (With a loss
-    # like y.float().square().mean() the peak is the FP32 output gradient's cast before any GEMM, not the dW: the
-    # first version of this test measured that once the fused encode dropped the FP32 temporaries, run 2026-12-01.)
-    assert peak32 - peak16 >= 48 * 2**20, results
+    # Memory: not asserted. The FP32 dW (128 MiB here) becomes bf16 (64 MiB), but it is not at this backward's peak
+    # once the fused encode dropped the FP32 temporaries (H200 2026-12-01, run m: 822083584 bytes both ways; on the
+    # issue-7 anchor 4.240 vs 4.241 GiB, the peak is in the forward). What it buys is traffic: docs/recipes.md.
