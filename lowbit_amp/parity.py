@@ -34,6 +34,11 @@ class ParityResult:
     losses: list[float]
     model: torch.nn.Module
 
+    def gap_to(self, base: "ParityResult") -> float:
+        """The larger of the relative |val| and |last-10 train| loss differences to ``base`` (0.02 = 2%)."""
+        return max(abs(self.val_loss - base.val_loss) / base.val_loss,
+                   abs(self.train_last10 - base.train_last10) / base.train_last10)
+
 
 @functools.lru_cache(maxsize=None)
 def _corpus() -> ByteCorpus:

@@ -158,17 +158,18 @@ def test_config_requires_fp8_storage_and_names_the_fix() -> None:
         fp8_activation_storage(glu="gelu")
 
 
-def test_tiny_gpt_trains_within_2_percent_of_o0() -> None:
-    """The parity recipe (tests/test_convergence.py) with the tiny GPT's SwiGLU MLP fused."""
+def test_low_memory_config_trains_the_tiny_gpt_within_2_percent_of_o3() -> None:
+    """configs/O3_low_memory.yaml as shipped (fused SwiGLU, FP8 attention, FP8 activations, O3, no weight cache), with
+    a lower ``min_numel`` so the tiny model's tensors qualify, on the parity recipe (tests/test_convergence.py), against
+    O3 itself: what the memory recipes add (O3 vs O0 is test_convergence's). Measured (CPU, torch 2.13, 2026-12-01):
+    val 2.5830 vs O3 2.5648 (+0.71%) and O0 2.5371 (+1.81%)."""
+    from lowbit_amp.config_files import locate_config
     from lowbit_amp.parity import parity_run
 
-    base = parity_run("O0")
-    run = parity_run("O1", overrides={"activations.storage": "fp8", "activations.min_numel": 4096,
-                                      "activations.glu": "fused"})
+    run = parity_run(locate_config("configs/O3_low_memory.yaml"), overrides={"activations.min_numel": 4096})
     stats = storage_of(run.model).stats
-    assert stats.glu_fused > 0
-    assert abs(run.val_loss - base.val_loss) / base.val_loss <= 0.02, (run.val_loss, base.val_loss)
-    assert abs(run.train_last10 - base.train_last10) / base.train_last10 <= 0.02
+    assert stats.glu_fused == PARITY_CONFIG.n_layer  # one SwiGLU per block, every step
+    assert run.gap_to(parity_run("O3")) <= 0.02
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
