@@ -42,7 +42,10 @@ def _mlp(x64, w1, w3, g, dtype, glu, order="sb", storage=True):  # type: ignore[
     if storage:
         with fp8_activation_storage(min_numel=0, glu=glu) as st:
             a, b = x @ w1d.t(), x @ w3d.t()
-            h = F.silu(a) * b if order == "sb" else (b * F.silu(a) if order == "bs" else torch.mul(F.silu(a), b))
+            if order == "module":  # Hugging Face's LlamaMLP: act_fn = nn.SiLU() (calls F.silu(x, inplace=False))
+                h = torch.nn.SiLU()(a) * b
+            else:
+                h = F.silu(a) * b if order == "sb" else (b * F.silu(a) if order == "bs" else torch.mul(F.silu(a), b))
     else:
         st = None
         a, b = x @ w1d.t(), x @ w3d.t()
@@ -76,26 +79,35 @@ def test_gradients_vs_float64_and_forward_unchanged(dtype, rows, ffn) -> None:  
     assert st.stats.packed_bytes_out < st_sep.stats.packed_bytes_out
 
 
-@pytest.mark.parametrize("order", ["bs", "mul"])
+@pytest.mark.parametrize("order", ["bs", "mul", "module"])
 def test_operand_order_and_torch_mul_match(order: str) -> None:
     x, w1, w3, g = _data(16, 128)
     *_, st = _mlp(x, w1, w3, g, torch.float32, "fused", order=order)
     assert st.stats.glu_fused == 1
 
 
-def test_declines_what_it_cannot_fuse_exactly() -> None:
-    a = torch.randn(8, 64, requires_grad=True) * 1.0
-    b = torch.randn(8, 64, requires_grad=True) * 1.0
-    with fp8_activation_storage(min_numel=0, glu="fused") as st:
-        s = F.silu(a)
-        s.add_(0)  # modified in place after SiLU: its recorded input no longer explains it
-        _ = s * b
-        _ = F.silu(a) * b[:1]  # broadcasting
-        _ = F.silu(a) * 2.0  # not a tensor
-        with torch.no_grad():
-            _ = F.silu(a) * b
-        _ = F.silu(a, inplace=False) * b  # kwargs: still a plain out-of-place SiLU -> fused
-    assert st.stats.glu_fused == 1
+def test_declines_what_it_cannot_fuse_exactly_and_its_gradients_stay_right() -> None:
+    gen = torch.Generator().manual_seed(5)
+    a0, b0 = torch.randn(8, 64, generator=gen), torch.randn(8, 64, generator=gen)
+
+    def run(glu: str):  # type: ignore[no-untyped-def]
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        ai, bi = a * 1.0, b * 1.0  # non-leaves, as inside a model
+        with fp8_activation_storage(min_numel=0, glu=glu) as st:
+            s = F.silu(ai)
+            s.add_(0.5)  # modified in place after SiLU: its recorded input no longer explains it
+            outs = [s * bi, F.silu(ai) * bi[:1], F.silu(ai) * 2.0]  # in-place, broadcasting, not a tensor
+            with torch.no_grad():
+                outs.append(F.silu(ai) * bi)  # no grad
+            outs.append(F.silu(ai, inplace=False) * bi)  # kwargs: still a plain out-of-place SiLU -> fused
+            outs.append(F.silu(ai) * b0)  # b needs no gradient -> fused, only grad_a computed
+        sum(o.sum() for o in outs if o.requires_grad).backward()
+        return st.stats.glu_fused, torch.cat([a.grad.reshape(-1), b.grad.reshape(-1)])
+
+    fused_count, fused = run("fused")
+    separate_count, separate = run("separate")
+    assert (fused_count, separate_count) == (2, 0)
+    assert sqnr_db(fused, separate) >= GRAD_FLOOR_DB
 
 
 def test_silu_output_used_twice_keeps_both_gradients() -> None:
