@@ -104,6 +104,7 @@ EXACT_FUNCTIONS: frozenset = frozenset({
 
 ATTENTION_MODES = ("exact", "fp8")
 GLU_MODES = ("separate", "fused")
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # (pack, unpack) on top, or None
 
 
 # ------------------------------------------------------------------------------------------------ the group cast
@@ -304,7 +305,7 @@ class _ExactFunctions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         storage = self.storage
-        if func is F.scaled_dot_product_attention and storage.attention == "fp8":
+        if func is F.scaled_dot_product_attention and storage.attention == "fp8" and storage.hooks_innermost():
             from lowbit_amp.recipes import fp8_attention
 
             if fp8_attention.qkv_eligible(args, kwargs, storage.min_numel):
@@ -312,7 +313,7 @@ class _ExactFunctions(TorchFunctionMode):
         if func in EXACT_FUNCTIONS:
             with exact_storage():
                 return func(*args, **kwargs)
-        if storage.glu == "fused":
+        if storage.glu == "fused" and storage.hooks_innermost():
             if func is F.silu:
                 from lowbit_amp.recipes import fp8_swiglu
 
@@ -420,6 +421,14 @@ class Fp8ActivationStorage:
         if isinstance(obj, PackedActivation):
             return dequantize_groups(obj)
         return obj
+
+    def hooks_innermost(self) -> bool:
+        """Whether this storage's pack hook is the one autograd calls now. Inside a region with saved-tensor hooks of its
+        own (non-reentrant activation checkpointing) it is not: the region's saves are not ours to store, and the
+        FP8-saving nodes (attention, the fused SwiGLU) would change what the region's recompute must reproduce
+        (``CheckpointError``), so those ops run as written there."""
+        top = _TOP_HOOKS(False) if _TOP_HOOKS is not None else None
+        return top is None or getattr(top[0], "__self__", None) is self
 
     # -- context -------------------------------------------------------------------------------------------
     def __enter__(self) -> "Fp8ActivationStorage":

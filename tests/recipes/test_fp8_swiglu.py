@@ -222,3 +222,28 @@ def test_kernel_in_interpreter_matches_the_reference() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_checkpointed_regions_run_as_written() -> None:
+    """Inside non-reentrant activation checkpointing the region's own saved-tensor hooks are innermost: the fused
+    SwiGLU and FP8-saved attention must not run there (they changed what the recompute reproduces: CheckpointError)."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(7)
+    w1, w3 = (torch.randn(64, 32, generator=gen).requires_grad_() for _ in range(2))
+    x0 = torch.randn(16, 32, generator=gen)
+    q0 = torch.randn(2, 2, 16, 8, generator=gen)
+
+    def block(x, q):  # type: ignore[no-untyped-def]
+        h = F.silu(x @ w1.t()) * (x @ w3.t())
+        return h.sum() + F.scaled_dot_product_attention(q * 1.0, q * 1.0, q * 1.0).sum()
+
+    grads = []
+    for use_checkpoint in (True, False):
+        x, q = x0.clone().requires_grad_(), q0.clone().requires_grad_()
+        with fp8_activation_storage(min_numel=0, glu="fused", attention="fp8") as st:
+            out = checkpoint(block, x, q, use_reentrant=False) if use_checkpoint else block(x, q)
+        out.backward()
+        assert st.stats.glu_fused == (0 if use_checkpoint else 1)
+        grads.append(torch.cat([x.grad.reshape(-1), q.grad.reshape(-1)]))
+    assert sqnr_db(grads[1], grads[0]) >= GRAD_FLOOR_DB  # checkpointed = exact; fused/FP8 within the recipe's floor
