@@ -92,7 +92,7 @@ case "${1:-checks}" in
     # The group-cast bf16 fix and the fused SwiGLU backward (activations.glu: fused) on the GPU; then, with the Triton
     # group cast on only if its test passed: the peak breakdown with every memory option (configs/O3_low_memory.yaml's
     # variant) and the issue-7 table, one process per variant. ~5 min.
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_group_cast_gpu.py tests/gpu/test_fp8_swiglu_gpu.py \
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_group_cast_gpu.py tests/gpu/test_fp8_glu_gpu.py \
       > "$OUT/issue7_pytest.txt" 2>&1
     rc=$?; tail -6 "$OUT/issue7_pytest.txt"
     if [ "$rc" = 0 ]; then export LOWBIT_AMP_FUSED_GROUP_CAST=1; else echo "group cast / glu GPU tests failed: reference casts"; fi
@@ -105,7 +105,7 @@ case "${1:-checks}" in
     # After the SwiGLU rework (SiLU keeps only the FP8 pack of its input) and with the Triton group cast on by default:
     # GPU tests, the low-memory peak breakdown, the issue-7 table, and the GPU parity of configs/O3_low_memory.yaml
     # vs O0 (SEEDS seeds, 6x512 tiny GPT; loss target within 1% of bf16). ~6 min.
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_swiglu_gpu.py tests/gpu/test_group_cast_gpu.py \
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_glu_gpu.py tests/gpu/test_group_cast_gpu.py \
       tests/gpu/test_memory_options_gpu.py 2>&1 | tail -4 | tee "$OUT/issue7b_pytest.txt"
     timeout 60 python bench/memory_peak_breakdown.py --variant O3+fp8act+nocache+fp8attn+glu+wgbf16 \
       --json "$OUT/peak_low_memory.json" 2>&1 | tail -16
@@ -141,7 +141,8 @@ case "${1:-checks}" in
     ;;
   next)
     # For the next session (written 2026-12-01 after the device time was spent): every GPU test after the day's changes
-    # (fused SwiGLU, checkpoint guard, group cast on by default, fused encode on by default), then issue 7's missing GPU
+    # (fused SwiGLU/GeGLU: when the GELU kernel cases pass, add them to
+    # lowbit_amp.recipes.fp8_glu.GPU_VERIFIED; checkpoint guard; group cast and fused encode on by default), then issue 7's missing GPU
     # parity of the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) vs O0. ~8 min.
     timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -8 | tee "$OUT/next_pytest.txt"
     python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \

@@ -278,9 +278,9 @@ class ActivationConfig:
     # With storage fp8: ``exact`` keeps everything attention saves in the model dtype; ``fp8`` saves q, k, v in FP8
     # and recomputes attention in backward (no output / logsumexp kept; lowbit_amp/recipes/fp8_attention.py).
     attention: str = _choices("exact", "fp8", default="exact")
-    # With storage fp8: ``fused`` turns ``silu(a) * b`` into one node that saves a and b only (silu(a) is recomputed)
-    # and whose backward decodes both in one pass, instead of three saved FP8 tensors decoded to the model dtype
-    # (lowbit_amp/recipes/fp8_swiglu.py).
+    # With storage fp8: ``fused`` turns ``silu(a) * b`` / ``gelu(a) * b`` (SwiGLU, GeGLU) into nodes that save a and
+    # b only (act(a) is recomputed) and whose backward decodes both in one pass, instead of three saved FP8 tensors
+    # decoded to the model dtype (lowbit_amp/recipes/fp8_glu.py).
     glu: str = _choices("separate", "fused", default="separate")
 
     def __post_init__(self) -> None:
@@ -293,8 +293,8 @@ class ActivationConfig:
                               "q/k/v with that recipe's group scaling): set activations.storage: fp8 as well, or "
                               "leave activations.attention: exact.")
         if self.glu == "fused" and self.storage != "fp8":
-            raise ConfigError("activations.glu='fused' is part of FP8 activation storage (it saves the SwiGLU's "
-                              "inputs with that recipe's group scaling): set activations.storage: fp8 as well, or "
+            raise ConfigError("activations.glu='fused' is part of FP8 activation storage (it saves the gated "
+                              "unit's inputs with that recipe's group scaling): set activations.storage: fp8 as well, or "
                               "leave activations.glu: separate.")
 
 

@@ -82,9 +82,9 @@ DESCRIPTIONS: dict[str, str] = {
     "activations.min_numel": "FP8 activation storage: tensors with fewer elements are saved as they are.",
     "activations.attention": "FP8 activation storage: `exact` keeps attention's saves in the model dtype; `fp8` saves "
                              "q/k/v in FP8 and recomputes attention in backward (no output or logsumexp kept).",
-    "activations.glu": "FP8 activation storage: `separate` lets SiLU and the product save their operands; `fused` saves "
-                       "`silu(a) * b` as `a` and `b` only and decodes them in one backward pass (no `silu(a)` kept, "
-                       "no decoded copies).",
+    "activations.glu": "FP8 activation storage: `separate` lets the activation and the product save their operands; "
+                       "`fused` saves `silu(a) * b` / `gelu(a) * b` (SwiGLU, GeGLU) as `a` and `b` only and decodes "
+                       "them in one backward pass (no `act(a)` kept, no decoded copies).",
 }
 
 OPERANDS = ("input", "weight", "grad_output")

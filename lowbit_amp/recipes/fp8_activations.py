@@ -66,8 +66,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lowbit_amp.formats import E4M3
-from lowbit_amp.recipes.fp8_swiglu import MUL_FUNCTIONS as _MUL_FUNCTIONS
-from lowbit_amp.recipes.fp8_swiglu import GluMatcher as _GluMatcher
+from lowbit_amp.recipes.fp8_glu import MUL_FUNCTIONS as _MUL_FUNCTIONS
+from lowbit_amp.recipes.fp8_glu import GluMatcher as _GluMatcher
 
 __all__ = [
     "EXACT_FUNCTIONS",
@@ -239,7 +239,7 @@ class SavedStats:
     packed_bytes_out: int = 0  # their FP8 codes + shifts + scales
     kept_bytes: int = 0  # floating tensors saved as they are (small, parameters, exact regions), distinct storages
     reused: int = 0  # saves of a tensor already packed in this forward (shared, not packed twice)
-    glu_fused: int = 0  # silu(a) * b products that saved a and b only (glu='fused', recipes/fp8_swiglu.py)
+    glu_fused: int = 0  # act(a) * b products that saved a and b only (glu='fused', recipes/fp8_glu.py)
     kept_reasons: dict[str, int] = field(default_factory=dict)  # saves left as they are, by reason
     kept_bytes_by_reason: dict[str, int] = field(default_factory=dict)  # kept_bytes split by the same reasons
 
@@ -314,17 +314,18 @@ class _ExactFunctions(TorchFunctionMode):
             with exact_storage():
                 return func(*args, **kwargs)
         if storage.glu == "fused" and storage.hooks_innermost():
-            if func is F.silu:
-                from lowbit_amp.recipes import fp8_swiglu
+            if func is F.silu or func is F.gelu:
+                from lowbit_amp.recipes import fp8_glu
 
-                if fp8_swiglu.silu_eligible(args, kwargs, storage.min_numel) and not _exact_depth():
-                    return fp8_swiglu.silu(args[0], storage, storage.glu_matcher)
+                act = fp8_glu.activation_of(func, args, kwargs, storage.min_numel)
+                if act is not None and not _exact_depth():
+                    return fp8_glu.activation(act, args[0], storage, storage.glu_matcher)
             elif func in _MUL_FUNCTIONS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
                 hit = storage.glu_matcher.match(*args)
                 if hit is not None:
-                    from lowbit_amp.recipes import fp8_swiglu
+                    from lowbit_amp.recipes import fp8_glu
 
-                    return fp8_swiglu.fused_swiglu(*hit, storage)
+                    return fp8_glu.fused_glu(*hit, storage)
         return func(*args, **kwargs)
 
 
@@ -340,8 +341,9 @@ class Fp8ActivationStorage:
             :attr:`stats`.
         attention: ``exact`` (attention's saves stay in the model dtype) or ``fp8`` (q, k, v saved in FP8 and
             attention recomputed in backward: :mod:`lowbit_amp.recipes.fp8_attention`).
-        glu: ``separate`` (SiLU and the product save their operands as any op) or ``fused`` (``silu(a) * b`` saves
-            ``a`` and ``b`` only, its backward decodes them in one pass: :mod:`lowbit_amp.recipes.fp8_swiglu`).
+        glu: ``separate`` (the activation and the product save their operands as any op) or ``fused`` (``silu(a) * b``
+            and ``gelu(a) * b`` save ``a`` and ``b`` only, the backward decodes them in one pass:
+            :mod:`lowbit_amp.recipes.fp8_glu`).
     """
 
     def __init__(self, group_size: int = 16, min_numel: int = 1 << 16, params: Any = (),
@@ -425,7 +427,7 @@ class Fp8ActivationStorage:
     def hooks_innermost(self) -> bool:
         """Whether this storage's pack hook is the one autograd calls now. Inside a region with saved-tensor hooks of its
         own (non-reentrant activation checkpointing) it is not: the region's saves are not ours to store, and the
-        FP8-saving nodes (attention, the fused SwiGLU) would change what the region's recompute must reproduce
+        FP8-saving nodes (attention, the fused gated units) would change what the region's recompute must reproduce
         (``CheckpointError``), so those ops run as written there."""
         top = _TOP_HOOKS(False) if _TOP_HOOKS is not None else None
         return top is None or getattr(top[0], "__self__", None) is self
@@ -459,8 +461,8 @@ def fp8_activation_storage(group_size: int = 16, min_numel: int = 1 << 16, modul
     """A context manager storing saved activations in FP8 (``with fp8_activation_storage(module=model): loss = ...``).
 
     Pass ``module`` so its parameters and buffers are recognised and never copied; ``attention='fp8'`` also saves
-    attention's q, k, v in FP8 (:mod:`lowbit_amp.recipes.fp8_attention`); ``glu='fused'`` saves ``silu(a) * b`` as
-    ``a`` and ``b`` only (:mod:`lowbit_amp.recipes.fp8_swiglu`).
+    attention's q, k, v in FP8 (:mod:`lowbit_amp.recipes.fp8_attention`); ``glu='fused'`` saves ``silu(a) * b`` (or
+    ``gelu(a) * b``) as ``a`` and ``b`` only (:mod:`lowbit_amp.recipes.fp8_glu`).
     """
     return Fp8ActivationStorage(group_size, min_numel, module=module, attention=attention, glu=glu)
 

@@ -51,3 +51,28 @@ def test_group_dequant_stores_bf16_bits_not_a_value_conversion() -> None:
     except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this Triton build
         pytest.skip(f"cannot compile for sm_90 here: {exc}")
     assert "cvt.rn.bf16.u" not in ptx
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_glu_backward_kernel_compiles_for_sm90(act: int) -> None:
+    """The fused gated-unit backward (SiLU, GELU, tanh-GELU) compiles for sm_90 with its bf16 outputs stored as bits
+    (written 2026-12-01; only the SiLU variant has run on a GPU so far)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit_amp.kernels import glu_backward
+
+    sig = {"grad_ptr": "*bf16", "a_codes": "*fp8e4nv", "a_shifts": "*u8", "a_scale": "*fp32", "b_codes": "*fp8e4nv",
+           "b_shifts": "*u8", "b_scale": "*fp32", "ga_ptr": "*bf16", "gb_ptr": "*bf16", "numel": "i32",
+           "n_groups": "i32"}
+    constexprs = dict(GS=16, GB=64, NEED_A=True, NEED_B=True, ACT=act, OUT_KIND=0, HW_FP8=True)
+    sig.update({name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=glu_backward.glu_backward_kernel, signature=sig, constexprs=constexprs)
+    try:
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this Triton build
+        if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
+    assert "cvt.rn.bf16.u" not in ptx and "cvt.rn.f16x2.e4m3x2" in ptx

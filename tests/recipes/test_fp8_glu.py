@@ -1,4 +1,4 @@
-"""The fused SwiGLU of FP8 activation storage (lowbit_amp/recipes/fp8_swiglu.py, ``activations.glu: fused``):
+"""The fused SwiGLU of FP8 activation storage (lowbit_amp/recipes/fp8_glu.py, ``activations.glu: fused``):
 gradients against float64, what it saves, when the pattern match declines, the reference backward's formula, the
 Triton kernel in the interpreter, and training parity on the tiny GPT.
 
@@ -31,25 +31,40 @@ from lowbit_amp.models import TinyGPT
 from lowbit_amp.parity import PARITY_CONFIG
 from lowbit_amp.quant.metrics import sqnr_db
 from lowbit_amp.recipes.fp8_activations import fp8_activation_storage, storage_of
-from lowbit_amp.recipes.fp8_swiglu import swiglu_backward_reference
+from lowbit_amp.recipes.fp8_glu import glu_backward_reference
 
 GRAD_FLOOR_DB = 24.0  # measured >= 30.4
 
 
-def _mlp(x64, w1, w3, g, dtype, glu, order="sb", storage=True):  # type: ignore[no-untyped-def]
+ACTS = ("silu", "gelu", "gelu_tanh")
+
+
+def _act_fn(act: str):  # type: ignore[no-untyped-def]
+    if act == "silu":
+        return F.silu
+    return lambda t: F.gelu(t, approximate="none" if act == "gelu" else "tanh")
+
+
+def _act_module(act: str) -> torch.nn.Module:
+    """What Hugging Face models call: ``nn.SiLU()`` (LlamaMLP's act_fn) or ``nn.GELU(approximate=...)`` (GeGLU)."""
+    return torch.nn.SiLU() if act == "silu" else torch.nn.GELU(approximate="none" if act == "gelu" else "tanh")
+
+
+def _mlp(x64, w1, w3, g, dtype, glu, order="sb", storage=True, act="silu"):  # type: ignore[no-untyped-def]
     x = x64.to(dtype).clone().requires_grad_()
     w1d, w3d = w1.to(dtype).clone().requires_grad_(), w3.to(dtype).clone().requires_grad_()
+    fn = _act_fn(act)
     if storage:
         with fp8_activation_storage(min_numel=0, glu=glu) as st:
             a, b = x @ w1d.t(), x @ w3d.t()
-            if order == "module":  # Hugging Face's LlamaMLP: act_fn = nn.SiLU() (calls F.silu(x, inplace=False))
-                h = torch.nn.SiLU()(a) * b
+            if order == "module":
+                h = _act_module(act)(a) * b
             else:
-                h = F.silu(a) * b if order == "sb" else (b * F.silu(a) if order == "bs" else torch.mul(F.silu(a), b))
+                h = fn(a) * b if order == "sb" else (b * fn(a) if order == "bs" else torch.mul(fn(a), b))
     else:
         st = None
         a, b = x @ w1d.t(), x @ w3d.t()
-        h = F.silu(a) * b
+        h = fn(a) * b
     h.backward(g.to(dtype))
     return h.detach(), x.grad.double(), w1d.grad.double(), w3d.grad.double(), st
 
@@ -63,13 +78,14 @@ def _data(rows: int, ffn: int, seed: int = 0):  # type: ignore[no-untyped-def]
     return x, w1, w3, g
 
 
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows,ffn", [(64, 512), (37, 200)])
-def test_gradients_vs_float64_and_forward_unchanged(dtype, rows, ffn) -> None:  # type: ignore[no-untyped-def]
+def test_gradients_vs_float64_and_forward_unchanged(dtype, rows, ffn, act) -> None:  # type: ignore[no-untyped-def]
     x, w1, w3, g = _data(rows, ffn)
-    _, ref_dx, ref_dw1, ref_dw3, _ = _mlp(x, w1, w3, g, torch.float64, "separate", storage=False)
-    h_sep, *_, st_sep = _mlp(x, w1, w3, g, dtype, "separate")
-    h, dx, dw1, dw3, st = _mlp(x, w1, w3, g, dtype, "fused")
+    _, ref_dx, ref_dw1, ref_dw3, _ = _mlp(x, w1, w3, g, torch.float64, "separate", storage=False, act=act)
+    h_sep, *_, st_sep = _mlp(x, w1, w3, g, dtype, "separate", act=act)
+    h, dx, dw1, dw3, st = _mlp(x, w1, w3, g, dtype, "fused", act=act)
     assert torch.equal(h, h_sep)
     for got, ref in ((dx, ref_dx), (dw1, ref_dw1), (dw3, ref_dw3)):
         assert sqnr_db(got, ref) >= GRAD_FLOOR_DB
@@ -79,10 +95,11 @@ def test_gradients_vs_float64_and_forward_unchanged(dtype, rows, ffn) -> None:  
     assert st.stats.packed_bytes_out < st_sep.stats.packed_bytes_out
 
 
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("order", ["bs", "mul", "module"])
-def test_operand_order_and_torch_mul_match(order: str) -> None:
+def test_operand_order_and_torch_mul_match(order: str, act: str) -> None:
     x, w1, w3, g = _data(16, 128)
-    *_, st = _mlp(x, w1, w3, g, torch.float32, "fused", order=order)
+    *_, st = _mlp(x, w1, w3, g, torch.float32, "fused", order=order, act=act)
     assert st.stats.glu_fused == 1
 
 
@@ -142,24 +159,48 @@ def test_second_backward_is_a_clear_error() -> None:
         h.sum().backward()
 
 
+def _float64_parts(a: torch.Tensor, act: str):  # type: ignore[no-untyped-def]
+    """In float64, accurate in the tails (erfc, sigmoid forms): ``act(a)``, ``act'(a)``, and the scales of the FP32
+    computation's error — of ``act'`` (the magnitude of the terms it sums; it cancels where it crosses 0) and of
+    ``act`` (GELU's ``(1 + erf)/2`` has an absolute FP32 error of 2^-24, like torch's own ``F.gelu``, so its error
+    scales with ``|a|``, not with the tiny value in the far negative tail)."""
+    if act == "silu":
+        sig = torch.sigmoid(a)
+        value = a * sig
+        return value, sig * (1 + a * (1 - sig)), sig * (1 + a.abs() * (1 - sig)), value.abs()
+    if act == "gelu":
+        cdf = 0.5 * torch.erfc(-a / 2**0.5)
+        pdf = torch.exp(-0.5 * a * a) / (2 * torch.pi) ** 0.5
+        return a * cdf, cdf + a * pdf, 1 + (a * pdf).abs(), a.abs()
+    k0, k1 = (2 / torch.pi) ** 0.5, 0.044715
+    u = k0 * (a + k1 * a**3)
+    half_one_plus_t = torch.sigmoid(2 * u)  # (1 + tanh u) / 2
+    sech2 = 4 * torch.sigmoid(2 * u) * torch.sigmoid(-2 * u)  # 1 - tanh^2 u
+    slope = 0.5 * a * sech2 * k0 * (1 + 3 * k1 * a * a)
+    value = a * half_one_plus_t
+    amplify = 1 + 2 * u.abs()  # exp(-2|u|) turns u's FP32 rounding (relative) into 2|u| times that in the result
+    return value, half_one_plus_t + slope, (half_one_plus_t + slope.abs()) * amplify, value.abs() * amplify
+
+
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_reference_backward_is_the_float64_formula_rounded_once(dtype) -> None:  # type: ignore[no-untyped-def]
+def test_reference_backward_is_the_float64_formula_rounded_once(dtype, act) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(3)
     g, a, b = (torch.randn(1001, generator=gen, dtype=torch.float64) * 4 for _ in range(3))
     a, b = a.float().double(), b.float().double()  # the inputs are FP32 decodings: exact in both
-    ga, gb = swiglu_backward_reference(g.to(dtype), a.float(), b.float())
-    sig = torch.sigmoid(a)
-    exp_ga = g.to(dtype).double() * b * sig * (1 + a * (1 - sig))
-    exp_gb = g.to(dtype).double() * a * sig
+    ga, gb = glu_backward_reference(g.to(dtype), a.float(), b.float(), act=act)
+    value, slope, terms, value_scale = _float64_parts(a, act)
+    g_in = g.to(dtype).double()
+    exp_ga, exp_gb = g_in * b * slope, g_in * value
     tol = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
-    # FP32 arithmetic error, bounded by a few fp32 ulps of the terms' magnitudes (silu'(a) cancels near a = -1.28)
-    fp32_ga = 2.0**-21 * (g.abs() * b.abs() * sig * (1 + a.abs() * (1 - sig)))
-    fp32_gb = 2.0**-21 * (g * a * sig).abs()
+    # FP32 arithmetic error, bounded by a few fp32 ulps of the terms' magnitudes (act' cancels where it crosses 0)
+    fp32_ga = 2.0**-21 * (g_in.abs() * b.abs() * terms)
+    fp32_gb = 2.0**-21 * g_in.abs() * value_scale
     for got, exp, fp32_err in ((ga, exp_ga, fp32_ga), (gb, exp_gb, fp32_gb)):
         # + one rounding to the dtype: relative 2^-p, absolute below its smallest normal (fp16's subnormals)
         err = (got.double() - exp).abs() - tol * exp.abs() - fp32_err - torch.finfo(dtype).tiny
         assert err.max().item() <= 0, err.max().item()
-    need_a_only = swiglu_backward_reference(g.to(dtype), a.float(), b.float(), need_b=False)
+    need_a_only = glu_backward_reference(g.to(dtype), a.float(), b.float(), need_b=False, act=act)
     assert need_a_only[1] is None and torch.equal(need_a_only[0], ga)
 
 
@@ -186,35 +227,36 @@ def test_low_memory_config_trains_the_tiny_gpt_within_2_percent_of_o3() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_in_interpreter_matches_the_reference() -> None:
-    """The Triton backward (lowbit_amp/kernels/swiglu_backward.py) under TRITON_INTERPRET=1 against the reference
+    """The Triton backward (lowbit_amp/kernels/glu_backward.py) under TRITON_INTERPRET=1 against the reference
     from the same FP8 codes: ragged sizes, group sizes 16/32, every output dtype, one-sided gradients, NaN input."""
     script = textwrap.dedent("""
         import torch
         import lowbit_amp.recipes.fp8_activations as fa
-        from lowbit_amp.recipes.fp8_swiglu import _decode_f32, swiglu_backward_reference
-        from lowbit_amp.kernels.swiglu_backward import swiglu_backward_packed
+        from lowbit_amp.recipes.fp8_glu import _decode_f32, glu_backward_reference
+        from lowbit_amp.kernels.glu_backward import glu_backward_packed
 
         gen = torch.Generator().manual_seed(0)
         checked = 0
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for act, dtype in [(act, dt) for act in ("silu", "gelu", "gelu_tanh")
+                           for dt in (torch.bfloat16, torch.float16, torch.float32)]:
             for numel, gs in ((1000, 16), (4096, 32), (37, 16), (16 * 130, 16)):
                 a, b, g = ((torch.randn(numel, generator=gen) * 3).to(dtype) for _ in range(3))
                 pa, pb = fa.quantize_groups(a, gs), fa.quantize_groups(b, gs)
-                ref = swiglu_backward_reference(g, _decode_f32(pa), _decode_f32(pb))
-                got = swiglu_backward_packed(g, pa, pb)
-                # exp differs (numpy's vs torch's) by an fp32 ulp: 16-bit outputs within 1 ulp of their dtype; fp32
-                # outputs within a few fp32 ulps of the terms' magnitudes (silu'(a) cancels near a = -1.28; 7.6 ulps
-                # of |result| measured there)
-                mag = g.float().abs() * (_decode_f32(pa).abs() + _decode_f32(pb).abs()) * (dtype == torch.float32)
+                ref = glu_backward_reference(g, _decode_f32(pa), _decode_f32(pb), act=act)
+                got = glu_backward_packed(g, pa, pb, act=act)
+                # exp/erf differ (numpy's vs torch's) by an fp32 ulp or two: within 1 ulp of the output dtype plus a
+                # few fp32 ulps of the terms' magnitudes (act' cancels where it crosses 0: silu near a = -1.28, 7.6
+                # ulps of |result| measured there; GELU near a = -0.75, 181 ulps of its tiny result)
+                mag = g.float().abs() * (_decode_f32(pa).abs() + _decode_f32(pb).abs())
                 for r, k in zip(ref, got):
-                    ulp = torch.finfo(dtype).eps * (r.float().abs() + 4 * mag).clamp_min(torch.finfo(dtype).tiny)
-                    assert ((k.float() - r.float()).abs() <= ulp).all(), (dtype, numel, gs)
-                only_b = swiglu_backward_packed(g, pa, pb, need_a=False)
+                    ulp = (torch.finfo(dtype).eps * r.float().abs() + 2.0**-21 * mag).clamp_min(torch.finfo(dtype).tiny)
+                    assert ((k.float() - r.float()).abs() <= ulp).all(), (act, dtype, numel, gs)
+                only_b = glu_backward_packed(g, pa, pb, need_a=False, act=act)
                 assert only_b[0] is None and torch.equal(only_b[1], got[1])
                 checked += 1
         a = torch.randn(64); a[5] = float("nan")
         pa, pb = fa.quantize_groups(a, 16), fa.quantize_groups(torch.randn(64), 16)
-        ga, gb = swiglu_backward_packed(torch.randn(64), pa, pb)
+        ga, gb = glu_backward_packed(torch.randn(64), pa, pb)
         assert ga.isnan().all() and gb.isnan().all()
         print("ok", checked)
     """)
