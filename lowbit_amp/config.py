@@ -27,6 +27,7 @@ __all__ = [
     "MonitorConfig",
     "OperandConfig",
     "OptimizerConfig",
+    "UnitScalingConfig",
     "ScalingConfig",
     "apply_overrides",
     "config_from_dict",
@@ -299,6 +300,19 @@ class ActivationConfig:
 
 
 @dataclass(frozen=True)
+class UnitScalingConfig:
+    """Unit scaling (arXiv 2303.11257; docs/recipes.md): ``enabled`` re-initialises every ``nn.Linear`` weight to
+    N(0, 1) after conversion and scales its ``y`` / ``dx`` / ``dW`` by ``1/sqrt(fan_in)`` / ``1/sqrt(fan_out)`` /
+    ``1/sqrt(tokens)`` outside the GEMMs (``constrain``: the geometric mean for ``y`` and ``dx``), so every FP8 operand
+    is near unit scale and the casts use a fixed scale — no amax, no history: the three operands' ``scaling.algo``
+    must be ``static`` (``configs/unit_scaled_O1.yaml``). It re-initialises the weights: for training from scratch,
+    with a learning rate tuned for unit-variance weights (larger than for PyTorch's default init)."""
+
+    enabled: bool = False
+    constrain: bool = False
+
+
+@dataclass(frozen=True)
 class LowBitConfig:
     """Everything ``amp.initialize`` needs. Build one with :func:`lowbit_amp.levels.resolve_config`."""
 
@@ -311,6 +325,17 @@ class LowBitConfig:
     monitor: bool = False
     monitor_options: MonitorConfig = field(default_factory=MonitorConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
+    unit_scaling: UnitScalingConfig = field(default_factory=UnitScalingConfig)
+
+    def __post_init__(self) -> None:
+        if self.unit_scaling.enabled:
+            dynamic = [name for name in ("input", "weight", "grad_output")
+                       if getattr(self.linear, name).scaling.algo != "static"]
+            if dynamic and self.linear.compute == "fp8":
+                raise ConfigError(
+                    f"unit_scaling.enabled makes operands unit-scaled so FP8 casts need no dynamic scale, but "
+                    f"linear.{{{', '.join(dynamic)}}}.scaling.algo is not 'static'. Set them to static (with "
+                    f"static_scale: 1.0), e.g. start from configs/unit_scaled_O1.yaml, or disable unit scaling.")
 
     def replace(self, **changes: Any) -> "LowBitConfig":
         return dataclasses.replace(self, **changes)

@@ -97,6 +97,10 @@ def initialize(
         from lowbit_amp.monitor import attach as attach_monitor
 
         attach_monitor(model, None, config.monitor_options)
+    if config.unit_scaling.enabled:  # re-initialises the linear weights (before the optimizer is rebuilt below)
+        from lowbit_amp.recipes.unit_scaling import unit_scale
+
+        unit_scale(model, constrain=config.unit_scaling.constrain, scale_weight_grad=config.linear.weight_grad == "hp")
     if config.activations.storage == "fp8":  # COAT: saved activations in FP8 (docs/recipes.md); off by default
         from lowbit_amp.recipes.fp8_activations import attach as attach_fp8_activations
 

@@ -82,6 +82,11 @@ DESCRIPTIONS: dict[str, str] = {
     "activations.min_numel": "FP8 activation storage: tensors with fewer elements are saved as they are.",
     "activations.attention": "FP8 activation storage: `exact` keeps attention's saves in the model dtype; `fp8` saves "
                              "q/k/v in FP8 and recomputes attention in backward (no output or logsumexp kept).",
+    "unit_scaling.enabled": "Unit scaling: re-initialise every linear weight to N(0, 1) and scale y / dx / dW outside "
+                            "the GEMMs so operands are ~unit RMS; needs `scaling.algo: static` on the three operands "
+                            "(`configs/unit_scaled_O1.yaml`).",
+    "unit_scaling.constrain": "Unit scaling: one geometric-mean scale for y and dx (the paper's constraint), keeping dx "
+                              "the exact gradient up to a per-layer constant.",
     "activations.glu": "FP8 activation storage: `separate` lets the activation and the product save their operands; "
                        "`fused` saves `silu(a) * b` / `gelu(a) * b` (SwiGLU, GeGLU) as `a` and `b` only and decodes "
                        "them in one backward pass (no `act(a)` kept, no decoded copies).",

@@ -16,7 +16,9 @@ constraint for edges that are not cut), which keeps ``dx`` the exact gradient up
 price of outputs only roughly unit when ``fan_in != fan_out``.
 
 The scales are applied by hooks on the (already converted) layers, outside the GEMMs: :func:`unit_scale` must run
-*after* ``amp.initialize`` (which replaces the layer objects) — :func:`initialize` does both, with static FP8 scaling.
+*after* ``amp.initialize`` (which replaces the layer objects) — the config section ``unit_scaling: {enabled: true}``
+(``configs/unit_scaled_O1.yaml``) makes ``amp.initialize`` do it, and :func:`initialize` sets that section with static
+FP8 scaling.
 The loss needs the same care: :func:`unit_scaled_cross_entropy` scales its gradient to unit RMS.
 
 Not covered (see docs/recipes.md): the paper's unit-scaled residual adds, attention and non-linearities; their RMS
@@ -129,27 +131,28 @@ def unit_scale(model: nn.Module, reinit: bool = True, constrain: bool = False,
     return names
 
 
-def static_fp8_overrides(static_scale: float = 1.0) -> dict[str, Any]:
-    """``amp.initialize`` overrides for unit-scaled models: every operand cast with a fixed scale, no loss scaling."""
+def static_fp8_overrides(static_scale: float = 1.0, constrain: bool = False) -> dict[str, Any]:
+    """Config overrides for unit scaling: every operand cast with a fixed scale, no loss scaling, and the
+    ``unit_scaling`` section on (``amp.initialize`` then calls :func:`unit_scale` itself)."""
     static = {"scaling": {"algo": "static", "static_scale": static_scale}}
-    return {"linear": {"input": static, "weight": static, "grad_output": static}, "loss_scaling": {"mode": "none"}}
+    return {"linear": {"input": static, "weight": static, "grad_output": static}, "loss_scaling": {"mode": "none"},
+            "unit_scaling": {"enabled": True, "constrain": constrain}}
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, opt_level: Any = "O1",
                constrain: bool = False, **overrides: Any) -> Any:
-    """``amp.initialize`` with static FP8 scales (:func:`static_fp8_overrides`), then :func:`unit_scale`.
+    """``amp.initialize`` at ``opt_level`` with :func:`static_fp8_overrides` applied (static FP8 scales and the
+    ``unit_scaling`` config section, which makes ``amp.initialize`` call :func:`unit_scale`).
 
-    Keyword ``overrides`` apply on top (e.g. another ``opt_level``'s optimizer settings). Returns what
-    ``amp.initialize`` returns. At O2+ the FP8 weight gradients are not rescaled (``scale_weight_grad=False``).
+    The same as ``amp.initialize(model, opt, "configs/unit_scaled_O1.yaml")`` for O1. Keyword ``overrides`` apply on
+    top. Returns what ``amp.initialize`` returns. At O2+ the FP8 weight gradients are not rescaled.
     """
     from lowbit_amp.config import apply_overrides
     from lowbit_amp.initialize import initialize as amp_initialize
     from lowbit_amp.levels import resolve_config
 
-    config = apply_overrides(resolve_config(opt_level), static_fp8_overrides())
-    result = amp_initialize(model, optimizer, config, **overrides)
-    unit_scale(model, constrain=constrain, scale_weight_grad=config.linear.weight_grad == "hp")
-    return result
+    config = apply_overrides(resolve_config(opt_level), static_fp8_overrides(constrain=constrain))
+    return amp_initialize(model, optimizer, config, **overrides)
 
 
 def unit_scaled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

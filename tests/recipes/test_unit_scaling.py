@@ -99,3 +99,36 @@ def test_unit_scaled_cross_entropy_gradient_is_unit(gen) -> None:  # type: ignor
     assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)))
     loss.backward()
     assert 0.3 <= float(logits.grad.pow(2).mean().sqrt()) <= 3.0
+
+
+def test_config_section_is_the_same_recipe(gen) -> None:  # type: ignore[no-untyped-def]
+    """``unit_scaling: {enabled: true}`` (configs/unit_scaled_O1.yaml) does what :func:`us.initialize` does: same
+    weights, same outputs and gradients on the same model and seed; the section round-trips through the config."""
+    from lowbit_amp.config_files import locate_config
+
+    x = torch.randn(32, 64, generator=gen)
+    results = []
+    for route in ("function", "yaml"):
+        model = mlp()
+        torch.manual_seed(1)  # unit_scale draws the N(0, 1) weights from the global generator
+        if route == "function":
+            model = us.initialize(model, None, "O1")
+        else:
+            model = amp.initialize(model, opt_level=locate_config("configs/unit_scaled_O1.yaml"))
+        assert getattr(model, us.UNIT_ATTR) == ["0", "2", "4"]
+        y = model(x)
+        y.square().mean().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    config = amp.amp_state(model).config
+    assert config.unit_scaling.enabled and config.loss_scaling.mode == "none"
+
+
+def test_config_section_needs_static_scales_and_names_the_fix() -> None:
+    from lowbit_amp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"linear\.\{input, weight, grad_output\}\.scaling\.algo .*unit_scaled_O1"):
+        amp.initialize(mlp(), opt_level="O1", unit_scaling={"enabled": True})
+    with pytest.raises(ConfigError, match="unit_scaling.enabeld"):  # a typo is named, with the closest key
+        amp.initialize(mlp(), opt_level="O1", overrides={"unit_scaling.enabeld": True})
