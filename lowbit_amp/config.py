@@ -91,10 +91,17 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class OperandConfig:
-    """Format and scaling of one GEMM operand."""
+    """Format, scaling and rounding of one GEMM operand.
+
+    ``rounding``: ``nearest`` (round-to-nearest-even, torch's own conversion) or ``stochastic`` (up with probability
+    equal to the remainder in ulps: unbiased, so small values are not systematically lost — arXiv 1905.12334 uses it
+    for 8-bit training; here a cast option of every operand). Stochastic casts run the reference ops (the fused cast
+    kernel rounds to nearest), drawing from torch's global generator.
+    """
 
     format: str = "e4m3"
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    rounding: str = _choices("nearest", "stochastic", default="nearest")
 
     def __post_init__(self) -> None:
         from lowbit_amp.formats import get_format

@@ -36,6 +36,7 @@ DESCRIPTIONS: dict[str, str] = {
     "linear.*.scaling.power_of_2": "Round scales down to powers of two (exact rescaling, no mantissa error from the scale).",
     "linear.*.scaling.granularity": "`tensor`, `row`, or blocks such as `1x128` / `128x128`; row/block need `algo: current`.",
     "linear.*.scaling.static_scale": "The scale used when `algo: static`.",
+    "linear.*.rounding": "How this operand's casts round: `nearest` (even) or `stochastic` (unbiased; reference ops, not the fused cast kernel).",
     "linear.fast_accum_forward": "Let the forward FP8 GEMM use tensor-core fast accumulation (backward GEMMs always accumulate in FP32).",
     "linear.fused_cast": "Use the fused Triton cast kernels on CUDA in eager mode; `false` runs the reference PyTorch ops.",
     "linear.weight_cache": "`step`: FP8 W/Wᵀ cast once per optimizer step and kept until it; `none`: cast per forward, Wᵀ re-cast in backward, no FP8 weight copy held (eager; saves 2 B/param at the peak).",

@@ -49,9 +49,11 @@ class LowBitLinear(nn.Linear):
         self._weight_cache: tuple | None = None
         device = self.weight.device
         if config.compute == "fp8":
-            self.input_scaling = ScalingState(config.input.scaling, config.input.format).to(device)
-            self.weight_scaling = ScalingState(config.weight.scaling, config.weight.format).to(device)
-            self.grad_output_scaling = ScalingState(config.grad_output.scaling, config.grad_output.format).to(device)
+            self.input_scaling = ScalingState(config.input.scaling, config.input.format, config.input.rounding).to(device)
+            self.weight_scaling = ScalingState(config.weight.scaling, config.weight.format,
+                                               config.weight.rounding).to(device)
+            self.grad_output_scaling = ScalingState(config.grad_output.scaling, config.grad_output.format,
+                                                    config.grad_output.rounding).to(device)
         elif config.compute == "int8":
             self.register_buffer("fallback_fraction", torch.zeros((), device=device), persistent=False)
 

@@ -15,9 +15,11 @@ from lowbit_amp.scaling.state import ScalingState
 
 
 def quantize_operand(
-    x2d: torch.Tensor, state: ScalingState, rounding: str = "nearest"
+    x2d: torch.Tensor, state: ScalingState, rounding: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(lp, scale)`` for a 2-D operand, using and updating ``state`` (no host sync)."""
+    """Return ``(lp, scale)`` for a 2-D operand, using and updating ``state`` (no host sync); ``rounding`` defaults
+    to the operand's (``state.rounding``)."""
+    rounding = rounding or state.rounding
     gran = state.granularity
     needs_amax = not (state.config.algo == "static" or (state.delayed and state._warm))
     current_amax = None
@@ -38,7 +40,7 @@ def quantize_operand_t(
     state updates as the reference; the fused path also returns the inverse scale so the GEMM needs no reciprocal)."""
     from lowbit_amp.kernels.dispatch import fused_cast_unavailable
 
-    if fused_cast_unavailable(x2d, state, enabled=use_kernel) is None:
+    if fused_cast_unavailable(x2d, state, state.rounding, enabled=use_kernel) is None:
         if torch.compiler.is_compiling():
             return traceable_fused_quantize(x2d, state, want_transpose)  # the same kernel as a custom op
         from lowbit_amp.kernels.fp8_cast import fused_quantize

@@ -35,10 +35,13 @@ class ScalingState(nn.Module):
     ``has_history ()`` (bool), ``nonfinite_count ()``.
     """
 
-    def __init__(self, config: ScalingConfig, fmt: Format | str) -> None:
+    def __init__(self, config: ScalingConfig, fmt: Format | str, rounding: str = "nearest") -> None:
         super().__init__()
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"Unknown rounding {rounding!r}; use 'nearest' or 'stochastic'.")
         self.config = config
         self.fmt = get_format(fmt)
+        self.rounding = rounding  # how this operand's casts round (OperandConfig.rounding)
         self.granularity = Granularity.parse(config.granularity)
         initial = config.static_scale if config.algo == "static" else 1.0
         self.register_buffer("amax_history", torch.zeros(config.history_len))
@@ -80,7 +83,7 @@ class ScalingState(nn.Module):
         self._warm = bool(self.has_history)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt}/{self.config.describe()}"
+        return f"{self.fmt}/{self.config.describe()}" + ("/SR" if self.rounding == "stochastic" else "")
 
 
 def roll_histories(
