@@ -36,6 +36,7 @@ DESCRIPTIONS: dict[str, str] = {
     "linear.*.scaling.power_of_2": "Round scales down to powers of two (exact rescaling, no mantissa error from the scale).",
     "linear.*.scaling.granularity": "`tensor`, `row`, or blocks such as `1x128` / `128x128`; row/block need `algo: current`.",
     "linear.*.scaling.static_scale": "The scale used when `algo: static`.",
+    "linear.weight_grad_rounding": "With an FP8 `weight_grad`: the backward's encode rounds `nearest` or `stochastic` (unbiased; reference ops). Accumulation re-encodes round to nearest.",
     "linear.*.rounding": "How this operand's casts round: `nearest` (even) or `stochastic` (unbiased; reference ops, not the fused cast kernel).",
     "linear.fast_accum_forward": "Let the forward FP8 GEMM use tensor-core fast accumulation (backward GEMMs always accumulate in FP32).",
     "linear.fused_cast": "Use the fused Triton cast kernels on CUDA in eager mode; `false` runs the reference PyTorch ops.",

@@ -39,7 +39,7 @@ ACCUMULATION_MODES = ("rescale", "fp32")
 _TENSOR_DATA = torch.Tensor.data  # torch's own getset descriptor, which Fp8Grad.data wraps
 
 
-def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_fp8(hp: torch.Tensor, fmt: Format, rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` of ``hp`` with a fresh per-tensor scale; a non-finite input yields a NaN scale (see above).
 
     On CUDA (eager, with :data:`FUSED_ENCODE`) the fused cast kernel serves it: two passes (amax, then cast) and no
@@ -48,11 +48,11 @@ def encode_fp8(hp: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tenso
     memory peak, on top of the GEMM's FP32 output (H200 allocation trace, bench/memory_peak_breakdown.py). Same codes and scale for a finite input
     (tests/gpu/test_fp8_grad_encode_gpu.py); for a non-finite one the scale is NaN either way, which is all that
     marks it (its codes are not meaningful on either path)."""
-    if _fused_encode_serves(hp, fmt):
+    if rounding == "nearest" and _fused_encode_serves(hp, fmt):
         return _fused_encode(hp, fmt)
     current = amax(hp)  # of |hp|: >= 0, +inf or NaN, so ``current < inf`` is isfinite() in one op instead of four
     scale = torch.where(current < math.inf, compute_scale(current, fmt), math.nan)
-    return quantize(hp, scale, fmt), scale
+    return quantize(hp, scale, fmt, rounding=rounding), scale
 
 
 #: On since tests/gpu/test_fp8_grad_encode_gpu.py passed on an H200 (run i, 2026-12-01: codes and scales bit-identical
@@ -218,5 +218,5 @@ def to_fp8_weight_grad(dw: torch.Tensor, weight: torch.Tensor, cfg: Any) -> Fp8G
         return Fp8Grad(None, torch.ones((), device=dw.device), fmt, weight.dtype, mode, pending=dw.float())
     if dw.dtype not in (torch.float32, torch.bfloat16):  # a bf16 GEMM output is encoded as it is (no FP32 copy)
         dw = dw.float()
-    codes, scale = encode_fp8(dw, fmt)
+    codes, scale = encode_fp8(dw, fmt, getattr(cfg, "weight_grad_rounding", "nearest"))
     return Fp8Grad(codes, scale, fmt, weight.dtype, mode)

@@ -68,3 +68,30 @@ def test_stochastic_input_cast_is_unbiased() -> None:
 def test_bad_rounding_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="rounding"):
         amp.initialize(nn.Sequential(nn.Linear(16, 16)), opt_level="O1", overrides={"linear.input.rounding": "up"})
+
+
+def test_weight_gradient_encode_rounds_stochastically_when_asked() -> None:
+    """``linear.weight_grad_rounding: stochastic`` (O2+): the FP8 weight-gradient encode is unbiased (1.06 between the
+    E4M3 codes 1.0 and 1.125, with 448 fixing the scale at 1), and it reaches the layer's backward (two identical
+    backward passes give different codes, where round-to-nearest gives the same)."""
+    from lowbit_amp.formats import E4M3
+    from lowbit_amp.grads.fp8_grad import encode_fp8
+
+    torch.manual_seed(2)
+    hp = torch.full((256, 256), 1.06)
+    hp[0, 0] = 448.0
+    codes, scale = encode_fp8(hp, E4M3, "stochastic")
+    assert float(scale) == 1.0
+    assert abs(codes.float()[1:].mean().item() - 1.06) < 0.005
+    assert torch.equal(encode_fp8(hp, E4M3)[0].float()[1:].unique(), torch.tensor([1.0]))  # nearest: always 1.0
+
+    for rounding in ("nearest", "stochastic"):
+        model = amp.initialize(nn.Sequential(nn.Linear(64, 64)), opt_level="O2", overrides={
+            "modules.min_gemm_size": 0, "linear.weight_grad_rounding": rounding})
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+        codes = []
+        for _ in range(2):
+            model[0].weight.grad = None
+            model(x).square().mean().backward()
+            codes.append(model[0].weight.grad.codes_and_scale()[0].view(torch.uint8).clone())
+        assert torch.equal(codes[0], codes[1]) == (rounding == "nearest")
