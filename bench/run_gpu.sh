@@ -148,6 +148,10 @@ case "${1:-checks}" in
     python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_blockwise.json" 2>&1 | tail -14
+    # seed 3's step-30 spike (all FP8 levels): delayed vs current output-gradient scaling, with the monitor's counters
+    python -m lowbit_amp --levels "O0,O1,bench/configs/O1_current_grad_output.yaml" --seeds "3," --eval-batches 32 \
+      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/seed3_grad_output.json" 2>&1 | tail -12
     ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
