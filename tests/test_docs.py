@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = ["train_tiny_gpt.py", "custom_loop.py", "yaml_config.py"]
+EXAMPLES = ["train_tiny_gpt.py", "custom_loop.py", "yaml_config.py", "low_memory.py"]
 
 
 def read(*parts: str) -> str:
@@ -49,3 +49,13 @@ def test_yaml_example_runs() -> None:
                           text=True, env=env, timeout=300, cwd=os.path.dirname(REPO), check=False)  # outside the checkout
     assert done.returncode == 0, done.stderr
     assert "keyword 8 -> 8" in done.stdout and "Did you mean 'algo'" in done.stdout
+
+
+def test_low_memory_example_runs() -> None:
+    """examples/low_memory.py on CPU (small model): FP8-stored saves are well below bf16's, and it trains."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "low_memory.py")], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=os.path.dirname(REPO), check=False)
+    assert done.returncode == 0, done.stderr
+    ratio = float(done.stdout.split("(")[1].split("x less")[0])
+    assert ratio > 2.0, done.stdout  # measured 2.57x (CPU, 2026-12-01)

@@ -429,7 +429,12 @@ class Fp8ActivationStorage:
         own (non-reentrant activation checkpointing) it is not: the region's saves are not ours to store, and the
         FP8-saving nodes (attention, the fused gated units) would change what the region's recompute must reproduce
         (``CheckpointError``), so those ops run as written there."""
-        top = _TOP_HOOKS(False) if _TOP_HOOKS is not None else None
+        if _TOP_HOOKS is None:
+            return True
+        try:
+            top = _TOP_HOOKS(False)  # ignore_is_tracing
+        except TypeError:  # a torch whose private helper takes no argument
+            top = _TOP_HOOKS()
         return top is None or getattr(top[0], "__self__", None) is self
 
     # -- context -------------------------------------------------------------------------------------------
