@@ -155,5 +155,37 @@ def step_scaling(model: nn.Module) -> None:
 
 
 def summary(model: nn.Module) -> str:
-    """The conversion report: every linear layer, converted or kept, and why."""
-    return str(amp_state(model).report)
+    """The conversion report — every linear layer, converted or kept, and why — then the model-wide pieces of the
+    config (weight gradients, optimizer states, weight copy, activation storage with its last forward's counts, unit
+    scaling, loss scaling), so one print shows everything lowbit_amp changed."""
+    state = amp_state(model)
+    return "\n".join([str(state.report), *_model_wide_lines(model, state.config)])
+
+
+def _model_wide_lines(model: nn.Module, config: LowBitConfig) -> list[str]:
+    lin, opt, act = config.linear, config.optimizer, config.activations
+    wgrad = "model dtype" if lin.weight_grad == "hp" else f"{lin.weight_grad} ({lin.weight_grad_rounding} rounding, " \
+        f"{lin.weight_grad_gemm} GEMM output)"
+    optim = (f"m {opt.exp_avg}, v {opt.exp_avg_sq}, master {opt.master_weights}" if opt.enabled
+             else "the user's optimizer, unchanged")
+    lines = ["  model-wide:",
+             f"    opt level {config.opt_level}; weight gradients: {wgrad}; optimizer states: {optim}",
+             f"    FP8 weight copy between forward and backward: {'kept per step' if lin.weight_cache == 'step' else 'none'}"]
+    if act.storage == "fp8":
+        from lowbit_amp.recipes.fp8_activations import storage_of
+
+        text = (f"    saved activations: FP8, 1x{act.group_size} groups (tensors >= {act.min_numel} elements), attention "
+                f"{act.attention}, gated units {act.glu}")
+        storage = storage_of(model)
+        if storage is not None and storage.stats.packed_tensors:
+            st = storage.stats
+            text += (f"; last forward: {st.packed_tensors} tensors {st.packed_bytes_in / 2**20:.1f} -> "
+                     f"{st.packed_bytes_out / 2**20:.1f} MiB, {st.kept_bytes / 2**20:.1f} MiB kept as they were, "
+                     f"{st.glu_fused} gated units fused")
+        lines.append(text)
+    else:
+        lines.append("    saved activations: as the ops save them")
+    if config.unit_scaling.enabled:
+        lines.append(f"    unit scaling: on (constrain={config.unit_scaling.constrain})")
+    lines.append(f"    loss scaling: {config.loss_scaling.mode}")
+    return lines

@@ -221,3 +221,23 @@ def test_optimizer_section_is_passed_as_optimizer_config() -> None:
     assert low.exp_avg_sq_codec.name == "e4m3_expand"
     with pytest.raises(TypeError, match="optimizer_config"):
         amp.initialize(Net(), opt_level="O3", optimizer={"exp_avg_sq": "e4m3_expand"})
+
+
+def test_summary_lists_the_model_wide_pieces() -> None:
+    """``amp.summary`` shows, after the layers, what is not per layer: weight gradients, optimizer states, the FP8
+    weight copy, activation storage (with the last forward's counts) and loss scaling."""
+    plain = amp.initialize(nn.Sequential(nn.Linear(64, 64)), opt_level="O1", overrides={"modules.min_gemm_size": 0})
+    text = amp.summary(plain)
+    assert "weight gradients: model dtype" in text and "saved activations: as the ops save them" in text
+    assert "FP8 weight copy between forward and backward: kept per step" in text
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.SiLU(), nn.Linear(256, 64))
+    model, _ = amp.initialize(model, torch.optim.AdamW(model.parameters()), "configs/O3_low_memory.yaml",
+                              overrides={"modules.min_gemm_size": 0, "activations.min_numel": 1024})
+    model(torch.randn(32, 64)).sum().backward()
+    text = amp.summary(model)
+    assert "weight gradients: e4m3 (nearest rounding, bf16 GEMM output)" in text
+    assert "optimizer states: m e4m3, v e4m3_expand, master bf16_sr" in text
+    assert "FP8 weight copy between forward and backward: none" in text
+    assert "saved activations: FP8, 1x16 groups" in text and "attention fp8, gated units fused" in text
+    assert "last forward: " in text
