@@ -148,7 +148,9 @@ case "${1:-checks}" in
     python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_blockwise.json" 2>&1 | tail -14
-    # seed 3's step-30 spike (all FP8 levels): delayed vs current output-gradient scaling, with the monitor's counters
+    # the fused Adam modes not served yet: is the GPU disagreement only the bias corrections' powf? (~30 s)
+    timeout 120 python tools/diagnose_fused_modes.py 2>&1 | tail -6
+    # seed 3's step-30 spike (all FP8 levels): delayed vs current output-gradient scaling
     python -m lowbit_amp --levels "O0,O1,bench/configs/O1_current_grad_output.yaml" --seeds "3," --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/seed3_grad_output.json" 2>&1 | tail -12

@@ -39,8 +39,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "ActState", "GluMatcher", "MUL_FUNCTIONS", "act_backward_reference", "activation_of",
-           "glu_backward_reference"]
+__all__ = [
+    "ACTIVATIONS",
+    "MUL_FUNCTIONS",
+    "ActState",
+    "GluMatcher",
+    "act_backward_reference",
+    "activation_of",
+    "glu_backward_reference",
+]
 
 MUL_FUNCTIONS = frozenset({torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.mul, torch.Tensor.mul})
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # kernel constexpr ACT = index
@@ -62,7 +69,7 @@ class ActState:
     """What one activation call under the storage shares with the product that consumes it: the activation's name,
     the FP8 pack of its input, and the input gradient the fused product's backward computed (see :class:`_Fp8Act`)."""
 
-    __slots__ = ("act", "packed", "grad_a")
+    __slots__ = ("act", "grad_a", "packed")
 
     def __init__(self, act: str, packed: Any) -> None:
         self.act = act

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import lowbit_amp.recipes.fp8_activations as fa
-import lowbit_amp.recipes.fp8_glu as fp8_glu
 from lowbit_amp.quant.metrics import sqnr_db
+from lowbit_amp.recipes import fp8_glu
 from lowbit_amp.recipes.fp8_glu import _decode_f32, _kernel_serves, glu_backward_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

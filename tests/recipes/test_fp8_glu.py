@@ -262,7 +262,8 @@ def test_kernel_in_interpreter_matches_the_reference() -> None:
     """)
     paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
