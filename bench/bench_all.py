@@ -23,7 +23,8 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from lowbit_amp.models.llama_block import LlamaBlock
 
 OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
 DEV = "cuda"
@@ -213,27 +214,7 @@ def bench_linear() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- e2e
-class Block(nn.Module):
-    """Llama-style block, identical to shared/anchors/anchor_gpu.py's."""
-
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.n1 = nn.RMSNorm(dim)
-        self.n2 = nn.RMSNorm(dim)
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.w1 = nn.Linear(dim, ffn, bias=False)
-        self.w3 = nn.Linear(dim, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.wqkv(self.n1(x)).view(B, T, 3, self.heads, D // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.wo(a.transpose(1, 2).reshape(B, T, D))
-        h = self.n2(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+Block = LlamaBlock  # the anchor's block (shared/anchors/anchor_gpu.py), one definition in the package
 
 
 def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # type: ignore[no-untyped-def]

@@ -14,40 +14,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lowbit_amp as amp
 from lowbit_amp.memory import SavedTensorMeter
+from lowbit_amp.models.llama_block import LlamaBlock
 from lowbit_amp.recipes.fp8_activations import storage_of
-
-
-class Block(nn.Module):
-    """RMSNorm -> attention -> RMSNorm -> SwiGLU MLP, written the usual way (``F.silu(w1(h)) * w3(h)``)."""
-
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.n1, self.n2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.w1 = nn.Linear(dim, ffn, bias=False)
-        self.w3 = nn.Linear(dim, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.wqkv(self.n1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.wo(a.transpose(1, 2).reshape(b, t, d))
-        h = self.n2(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 
 def run(args: argparse.Namespace, low_memory: bool, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    model = nn.Sequential(*[Block(args.dim, args.heads, args.ffn) for _ in range(args.layers)]).to(device, dtype)
+    model = nn.Sequential(*[LlamaBlock(args.dim, args.heads, args.ffn) for _ in range(args.layers)]).to(device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if low_memory:
         model, opt = amp.initialize(model, opt, "configs/O3_low_memory.yaml",
