@@ -218,5 +218,5 @@ def to_fp8_weight_grad(dw: torch.Tensor, weight: torch.Tensor, cfg: Any) -> Fp8G
         return Fp8Grad(None, torch.ones((), device=dw.device), fmt, weight.dtype, mode, pending=dw.float())
     if dw.dtype not in (torch.float32, torch.bfloat16):  # a bf16 GEMM output is encoded as it is (no FP32 copy)
         dw = dw.float()
-    codes, scale = encode_fp8(dw, fmt, getattr(cfg, "weight_grad_rounding", "nearest"))
+    codes, scale = encode_fp8(dw, fmt, cfg.weight_grad_rounding)
     return Fp8Grad(codes, scale, fmt, weight.dtype, mode)

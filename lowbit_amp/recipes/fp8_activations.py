@@ -313,16 +313,16 @@ class _ExactFunctions(TorchFunctionMode):
         if func in EXACT_FUNCTIONS:
             with exact_storage():
                 return func(*args, **kwargs)
-        if storage.glu == "fused" and storage.hooks_innermost():
+        if storage.glu == "fused":  # every op of the forward passes here: the cheap tests first
             if func is F.silu or func is F.gelu:
                 from lowbit_amp.recipes import fp8_glu
 
                 act = fp8_glu.activation_of(func, args, kwargs, storage.min_numel)
-                if act is not None and not _exact_depth():
+                if act is not None and not _exact_depth() and storage.hooks_innermost():
                     return fp8_glu.activation(act, args[0], storage, storage.glu_matcher)
             elif func in _MUL_FUNCTIONS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
                 hit = storage.glu_matcher.match(*args)
-                if hit is not None:
+                if hit is not None and storage.hooks_innermost():
                     from lowbit_amp.recipes import fp8_glu
 
                     return fp8_glu.fused_glu(*hit, storage)
