@@ -143,9 +143,9 @@ case "${1:-checks}" in
     # For the next session (written 2026-12-01 after the device time was spent): every GPU test after the day's changes
     # (fused SwiGLU/GeGLU: when the GELU kernel cases pass, add them to
     # lowbit_amp.recipes.fp8_glu.GPU_VERIFIED; checkpoint guard; group cast and fused encode on by default), then issue 7's missing GPU
-    # parity of the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) vs O0. ~8 min.
+    # parity of the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) and of unit scaling vs O0. ~9 min.
     timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -8 | tee "$OUT/next_pytest.txt"
-    python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
+    python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml,configs/unit_scaled_O1.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_blockwise.json" 2>&1 | tail -14
     # the fused Adam modes not served yet: is the GPU disagreement only the bias corrections' powf? (~30 s)

@@ -11,6 +11,7 @@ larger, configurable run; this one is small enough for CI.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -45,14 +46,16 @@ def _corpus() -> ByteCorpus:
     return load_stdlib_corpus(max_bytes=1 << 20)
 
 
-def parity_run(level: str, *, seed: int = 0, steps: int = 120, overrides: dict[str, Any] | None = None
-               ) -> ParityResult:
-    """Train the recipe at ``level`` (plus dotted-key ``overrides`` for ``amp.initialize``) and score it."""
+def parity_run(level: str, *, seed: int = 0, steps: int = 120, overrides: dict[str, Any] | None = None,
+               lr: float = 3e-3) -> ParityResult:
+    """Train the recipe at ``level`` (plus dotted-key ``overrides`` for ``amp.initialize``) and score it. ``lr``: for
+    recipes that change the parametrisation (unit scaling's N(0, 1) weights want a larger step)."""
+    config = amp.resolve_config(level, dict(overrides or {}))
     torch.manual_seed(seed)
     data = _corpus()
-    model = TinyGPT(PARITY_CONFIG, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    model, opt = amp.initialize(model, opt, opt_level=level, overrides=dict(overrides or {}))
+    model = TinyGPT(dataclasses.replace(PARITY_CONFIG, unit_scaled_loss=config.unit_scaling.enabled), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model, opt = amp.initialize(model, opt, opt_level=config)
     sampler = BatchSampler(data.train, 16, PARITY_CONFIG.block_size, torch.Generator().manual_seed(seed))
     losses = []
     for _ in range(steps):

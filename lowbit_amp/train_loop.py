@@ -67,8 +67,9 @@ class TrainSettings:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
 
-    def model_config(self) -> TinyGPTConfig:
-        return TinyGPTConfig(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+    def model_config(self, unit_scaled_loss: bool = False) -> TinyGPTConfig:
+        return TinyGPTConfig(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                             unit_scaled_loss=unit_scaled_loss)
 
 
 @dataclass
@@ -159,7 +160,8 @@ def train_level(
     check_pieces(config, label)
     device = resolve_device(settings.device)
     corpus = corpus if corpus is not None else load_stdlib_corpus(settings.max_bytes)
-    model = TinyGPT(settings.model_config(), seed=settings.seed, device=device, dtype=DTYPES[settings.dtype])
+    model = TinyGPT(settings.model_config(unit_scaled_loss=config.unit_scaling.enabled), seed=settings.seed,
+                    device=device, dtype=DTYPES[settings.dtype])
     model, optimizer = amp.initialize(model, build_optimizer(model, settings), opt_level=config)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     train_batches = BatchSampler(corpus.train, settings.batch_size, settings.block_size,
