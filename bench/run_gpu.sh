@@ -12,7 +12,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh next     # START HERE next session: all GPU tests + block-wise GPU parity (issue 7)
+#   bash bench/run_gpu.sh next     # START HERE next session: all GPU tests, fused-Adam modes, seed-3 probe
+#   bash bench/run_gpu.sh next_parity  # then: block-wise and unit-scaling GPU parity (issue 7)
 #   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
@@ -140,20 +141,23 @@ case "${1:-checks}" in
       --quiet --json "$OUT/o3spike.json" 2>&1 | tail -12
     ;;
   next)
-    # For the next session (written 2026-12-01 after the device time was spent): every GPU test after the day's changes
-    # (fused SwiGLU/GeGLU: when the GELU kernel cases pass, add them to
-    # lowbit_amp.recipes.fp8_glu.GPU_VERIFIED; checkpoint guard; group cast and fused encode on by default), then issue 7's missing GPU
-    # parity of the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) and of unit scaling vs O0. ~9 min.
+    # START HERE next session (written 2026-12-01 after the device time was spent), one device call (~6 min): every GPU
+    # test after the day's changes (fused SwiGLU/GeGLU — when the GELU kernel cases pass, add them to
+    # lowbit_amp.recipes.fp8_glu.GPU_VERIFIED —, checkpoint guard, group cast and fused encode on by default), the fused
+    # Adam's unserved modes (is the disagreement only the bias corrections' powf?), and seed 3's step-30 spike (all FP8
+    # levels; delayed vs current output-gradient scaling). Then `next_parity` in a second call.
     timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -8 | tee "$OUT/next_pytest.txt"
-    python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml,configs/unit_scaled_O1.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
-      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
-      --json "$OUT/parity_blockwise.json" 2>&1 | tail -14
-    # the fused Adam modes not served yet: is the GPU disagreement only the bias corrections' powf? (~30 s)
     timeout 120 python tools/diagnose_fused_modes.py 2>&1 | tail -6
-    # seed 3's step-30 spike (all FP8 levels): delayed vs current output-gradient scaling
-    python -m lowbit_amp --levels "O0,O1,bench/configs/O1_current_grad_output.yaml" --seeds "3," --eval-batches 32 \
-      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+    timeout 120 python -m lowbit_amp --levels "O0,O1,bench/configs/O1_current_grad_output.yaml" --seeds "3," \
+      --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/seed3_grad_output.json" 2>&1 | tail -12
+    ;;
+  next_parity)
+    # Issue 7's missing GPU parity: the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) and unit scaling vs O0,
+    # SEEDS seeds of the 6x512 tiny GPT (the low-memory recipe's parity is in docs/recipes.md). ~5-8 min at 3 seeds.
+    timeout 560 python -m lowbit_amp --levels "O0,configs/deepseek_blockwise.yaml,configs/unit_scaled_O1.yaml" \
+      --seeds "${SEEDS:-3}" --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 \
+      --batch-size 32 --quiet --json "$OUT/parity_recipes.json" 2>&1 | tail -14
     ;;
   e2e6)
     # Issue 6's third sample: the 4096-wide anchor, eager and compiled, delayed (default) and current weight scaling.
@@ -162,6 +166,6 @@ case "${1:-checks}" in
     cp "$OUT/bench.jsonl" "$OUT/bench_e2e.jsonl" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c|issue7d|o3spike|next" >&2; exit 2
+    echo "usage: bash bench/run_gpu.sh checks|memory|int8|optim|e2e|e2e6|parity|pending|pending_memory|issue7|issue7b|issue7c|issue7d|o3spike|next|next_parity" >&2; exit 2
     ;;
 esac
