@@ -202,9 +202,10 @@ def _decode_f32(packed: Any) -> torch.Tensor:
     return out.reshape(-1)[: packed.numel]
 
 
-#: Activations whose Triton backward has passed tests/gpu/test_fp8_glu_gpu.py on a GPU (SiLU: H200, 2026-12-01). The
-#: GELU variants were written after that day's device time (interpreter-tested, compiled for sm_90 without a GPU);
-#: on CUDA they take the reference ops until the GPU test has run (then add them here).
+#: Activations whose Triton backward has passed tests/gpu/test_fp8_glu_gpu.py on a GPU (SiLU: H200, 2026-12-01, run k
+#: — before the activation became a constexpr of the kernel; the SiLU branch is the same arithmetic, checked since in
+#: the interpreter and by an sm_90 compile; ``bash bench/run_gpu.sh next`` re-runs the GPU test). The GELU variants were
+#: written after that day's device time: on CUDA they take the reference ops until the GPU test has run (then add them).
 GPU_VERIFIED = frozenset({"silu"})
 
 
