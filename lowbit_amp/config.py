@@ -316,8 +316,9 @@ class UnitScalingConfig:
     N(0, 1) after conversion and scales its ``y`` / ``dx`` / ``dW`` by ``1/sqrt(fan_in)`` / ``1/sqrt(fan_out)`` /
     ``1/sqrt(tokens)`` outside the GEMMs (``constrain``: the geometric mean for ``y`` and ``dx``), so every FP8 operand
     is near unit scale and the casts use a fixed scale — no amax, no history: the three operands' ``scaling.algo``
-    must be ``static`` (``configs/unit_scaled_O1.yaml``). It re-initialises the weights: for training from scratch,
-    with a learning rate tuned for unit-variance weights (larger than for PyTorch's default init)."""
+    must be ``static`` (``configs/unit_scaled_O1.yaml``). The loss's gradient must be unit-scaled too
+    (``unit_scaled_cross_entropy``; a plain mean cross-entropy's gradients underflow the static E5M2 scale). It
+    re-initialises the weights: for training from scratch (unit-variance weights may want a larger learning rate)."""
 
     enabled: bool = False
     constrain: bool = False
