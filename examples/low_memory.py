@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, low_memory: bool, device: torch.device) -> dic
         opt.step()
         opt.zero_grad(set_to_none=True)
     storage = storage_of(model)
-    saved = storage.stats.packed_bytes_out + storage.stats.kept_bytes if storage is not None else meter.bytes
+    saved = storage.stats.stored_bytes if storage is not None else meter.bytes
     out = {"saved_MiB": saved / 2**20, "loss": float(loss.detach())}
     if device.type == "cuda":
         out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30

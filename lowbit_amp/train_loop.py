@@ -196,7 +196,7 @@ def train_level(
             state_bytes = counts["params"] + counts["grads"] + counts["optimizer"]
             fp8_storage = storage_of(model)
             if fp8_storage is not None:  # its hooks are innermost, so the meter's saw nothing: count what it kept
-                saved_bytes = fp8_storage.stats.packed_bytes_out + fp8_storage.stats.kept_bytes
+                saved_bytes = fp8_storage.stats.stored_bytes
             else:
                 saved_bytes = meter.bytes
         optimizer.zero_grad(set_to_none=True)

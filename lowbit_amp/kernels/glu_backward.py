@@ -17,35 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_amp.kernels.fp8_bits import _decode_e4m3, _f32_to_bf16_rn
-
-GROUPS_PER_PROGRAM = 64
-
-
-@triton.jit
-def _pow2_f64(k):
-    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def _decode(codes_ptr, shifts_ptr, tscale_ptr, g, g_ok, offs, HW_FP8: tl.constexpr):
-    inv = (1.0 / (tl.load(tscale_ptr).to(tl.float64)
-                  * _pow2_f64(tl.load(shifts_ptr + g, mask=g_ok, other=0).to(tl.int32)))).to(tl.float32)
-    if HW_FP8:
-        c = tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    else:
-        c = _decode_e4m3(tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0))
-    return c * inv[:, None]
-
-
-@triton.jit
-def _store(ptr, offs, y, mask, OUT_KIND: tl.constexpr):
-    if OUT_KIND == 0:  # bfloat16: RNE on the bits (the interpreter's cast truncates), stored as a bitcast
-        tl.store(ptr + offs, _f32_to_bf16_rn(y).to(tl.bfloat16, bitcast=True), mask=mask)
-    elif OUT_KIND == 1:
-        tl.store(ptr + offs, y.to(tl.float16), mask=mask)
-    else:
-        tl.store(ptr + offs, y, mask=mask)
+from lowbit_amp.kernels.group_cast import GROUPS_PER_PROGRAM, OUT_KINDS, decode_groups, store_rounded
 
 
 @triton.jit
@@ -78,16 +50,15 @@ def glu_backward_kernel(grad_ptr, a_codes, a_shifts, a_scale, b_codes, b_shifts,
     offs = g[:, None] * GS + tl.arange(0, GS)[None, :]
     in_t = offs < numel
     grad = tl.load(grad_ptr + offs, mask=in_t, other=0.0).to(tl.float32)
-    a = _decode(a_codes, a_shifts, a_scale, g, g_ok, offs, HW_FP8)
+    a = decode_groups(a_codes, a_shifts, a_scale, g, g_ok, offs, HW_FP8)
     act, dact = _act_parts(a, ACT)
     if NEED_A:
-        b = _decode(b_codes, b_shifts, b_scale, g, g_ok, offs, HW_FP8)
-        _store(ga_ptr, offs, grad * b * dact, in_t, OUT_KIND)
+        b = decode_groups(b_codes, b_shifts, b_scale, g, g_ok, offs, HW_FP8)
+        store_rounded(ga_ptr, offs, grad * b * dact, in_t, OUT_KIND)
     if NEED_B:
-        _store(gb_ptr, offs, grad * act, in_t, OUT_KIND)
+        store_rounded(gb_ptr, offs, grad * act, in_t, OUT_KIND)
 
 
-_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
@@ -105,5 +76,5 @@ def glu_backward_packed(grad: torch.Tensor, pa, pb, need_a: bool = True, need_b:
     glu_backward_kernel[grid](grad, a_codes, pa.shifts, pa.tensor_scale, b_codes, pb.shifts, pb.tensor_scale,
                               ga if ga is not None else grad, gb if gb is not None else grad, numel, n_groups,
                               GS=group_size, GB=GROUPS_PER_PROGRAM, NEED_A=need_a, NEED_B=need_b, ACT=_ACT[act],
-                              OUT_KIND=_OUT_KIND[grad.dtype], HW_FP8=hw)
+                              OUT_KIND=OUT_KINDS[grad.dtype], HW_FP8=hw)
     return ga, gb

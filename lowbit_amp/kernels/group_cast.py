@@ -102,31 +102,44 @@ def group_cast_kernel(x_ptr, codes_ptr, shifts_ptr, gamax_ptr, tamax_ptr, tscale
 
 
 @triton.jit
+def decode_groups(codes_ptr, shifts_ptr, tscale_ptr, g, g_ok, offs, HW_FP8: tl.constexpr):
+    """FP32 values of the groups ``g`` (``offs``: their elements, 2-D): ``codes * (S * 2^k)^-1``, the inverse formed in
+    float64 and rounded once (as the reference's ``_group_scale``). Shared with the fused GLU backward."""
+    scale_t = tl.load(tscale_ptr).to(tl.float64)
+    shift = tl.load(shifts_ptr + g, mask=g_ok, other=0).to(tl.int32)
+    inv = (1.0 / (scale_t * _pow2_f64(shift))).to(tl.float32)
+    if HW_FP8:
+        c = tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        c = _decode_e4m3(tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0))
+    return c * inv[:, None]
+
+
+@triton.jit
+def store_rounded(ptr, offs, y, mask, OUT_KIND: tl.constexpr):
+    """Store FP32 ``y`` rounded once to the output dtype (``OUT_KIND``: 0 bf16, 1 fp16, 2 fp32, as :data:`OUT_KINDS`)."""
+    if OUT_KIND == 0:  # bfloat16, round-to-nearest-even on the bits (the interpreter's own cast truncates); the
+        # bitcast matters: a uint16 stored through a bf16 pointer is converted by value on the GPU (run 2026-12-01 i)
+        tl.store(ptr + offs, _f32_to_bf16_rn(y).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(ptr + offs, y.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr + offs, y, mask=mask)
+
+
+@triton.jit
 def group_dequant_kernel(codes_ptr, shifts_ptr, tscale_ptr, out_ptr, n_groups, GS: tl.constexpr, GB: tl.constexpr,
                          OUT_KIND: tl.constexpr, HW_FP8: tl.constexpr):
     """``out = codes * (S * 2^k)^-1`` (the inverse formed in float64 and rounded once), rounded to the output dtype."""
     pid = tl.program_id(0)
     g = pid * GB + tl.arange(0, GB)
     g_ok = g < n_groups
-    scale_t = tl.load(tscale_ptr).to(tl.float64)
-    shift = tl.load(shifts_ptr + g, mask=g_ok, other=0).to(tl.int32)
-    inv = (1.0 / (scale_t * _pow2_f64(shift))).to(tl.float32)
     offs = g[:, None] * GS + tl.arange(0, GS)[None, :]
-    if HW_FP8:
-        c = tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    else:
-        c = _decode_e4m3(tl.load(codes_ptr + offs, mask=g_ok[:, None], other=0))
-    y = c * inv[:, None]
-    if OUT_KIND == 0:  # bfloat16, round-to-nearest-even on the bits (the interpreter's own cast truncates); the
-        # bitcast matters: a uint16 stored through a bf16 pointer is converted by value on the GPU (run 2026-12-01 i)
-        tl.store(out_ptr + offs, _f32_to_bf16_rn(y).to(tl.bfloat16, bitcast=True), mask=g_ok[:, None])
-    elif OUT_KIND == 1:
-        tl.store(out_ptr + offs, y.to(tl.float16), mask=g_ok[:, None])
-    else:
-        tl.store(out_ptr + offs, y, mask=g_ok[:, None])
+    y = decode_groups(codes_ptr, shifts_ptr, tscale_ptr, g, g_ok, offs, HW_FP8)
+    store_rounded(out_ptr, offs, y, g_ok[:, None], OUT_KIND)
 
 
-_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+OUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -157,4 +170,4 @@ def dequantize_into(codes: torch.Tensor, shifts: torch.Tensor, tensor_scale: tor
     hw = not _interpreting(codes)
     grid = (triton.cdiv(n_groups, GROUPS_PER_PROGRAM),)
     group_dequant_kernel[grid](codes if hw else codes.view(torch.uint8), shifts, tensor_scale, out, n_groups,
-                               GS=group_size, GB=GROUPS_PER_PROGRAM, OUT_KIND=_OUT_KIND[out.dtype], HW_FP8=hw)
+                               GS=group_size, GB=GROUPS_PER_PROGRAM, OUT_KIND=OUT_KINDS[out.dtype], HW_FP8=hw)

@@ -75,6 +75,7 @@ __all__ = [
     "PackedActivation",
     "SavedStats",
     "attach",
+    "decode_flat",
     "dequantize_groups",
     "detach",
     "exact_storage",
@@ -203,10 +204,11 @@ def quantize_groups(x: torch.Tensor, group_size: int = 16) -> PackedActivation:
     return PackedActivation(codes, shifts, tensor_scale, x.shape, stride, x.dtype, numel)
 
 
-def dequantize_groups(packed: PackedActivation) -> torch.Tensor:
-    """The tensor :func:`quantize_groups` packed, in its dtype, shape (and strides, when they were dense)."""
+def decode_flat(packed: PackedActivation, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The packed values in memory order (1-D, ``numel`` long) in ``dtype`` (default: the packed tensor's), each the
+    FP32 product ``code * (S * 2^k)^-1`` rounded once. The fused GLU backward reads them in FP32, unrounded."""
     n_groups, group_size = packed.codes.shape
-    out = torch.empty(n_groups * group_size, dtype=packed.dtype, device=packed.codes.device)
+    out = torch.empty(n_groups * group_size, dtype=dtype or packed.dtype, device=packed.codes.device)
     step = max(1, _CHUNK // group_size)
     out2d = out.view(n_groups, group_size)
     if _fused_group_cast_serves(out, group_size):
@@ -219,7 +221,12 @@ def dequantize_groups(packed: PackedActivation) -> torch.Tensor:
             scale_inv = _group_scale(packed.tensor_scale, packed.shifts[sl], inverse=True)
             # fp32 product, rounded once on write
             torch.mul(packed.codes[sl].float(), scale_inv[:, None], out=out2d[sl])
-    flat = out[: packed.numel]
+    return out[: packed.numel]
+
+
+def dequantize_groups(packed: PackedActivation) -> torch.Tensor:
+    """The tensor :func:`quantize_groups` packed, in its dtype, shape (and strides, when they were dense)."""
+    flat = decode_flat(packed)
     if packed.stride is None:
         return flat.view(packed.shape)
     # Rebuild the original dense layout: the data is in the order of decreasing stride.
@@ -246,10 +253,21 @@ class SavedStats:
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
+    def add_packed(self, t: torch.Tensor, packed: "PackedActivation") -> None:
+        """Count one tensor stored in FP8 (the pack hook, FP8-saved attention)."""
+        self.packed_tensors += 1
+        self.packed_bytes_in += t.numel() * t.element_size()
+        self.packed_bytes_out += packed.nbytes
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the forward's saves hold: the FP8 packs plus the tensors kept as they were."""
+        return self.packed_bytes_out + self.kept_bytes
+
     @property
     def ratio(self) -> float:
         """(hp bytes quantized + kept) / (FP8 bytes + kept): the saved-activation memory reduction."""
-        return (self.packed_bytes_in + self.kept_bytes) / max(1, self.packed_bytes_out + self.kept_bytes)
+        return (self.packed_bytes_in + self.kept_bytes) / max(1, self.stored_bytes)
 
 
 _local = threading.local()
@@ -413,9 +431,7 @@ class Fp8ActivationStorage:
             self._seen[key] = (weakref.ref(t), t._version, packed)
         except TypeError:
             pass
-        self.stats.packed_tensors += 1
-        self.stats.packed_bytes_in += t.numel() * t.element_size()
-        self.stats.packed_bytes_out += packed.nbytes
+        self.stats.add_packed(t, packed)
         return packed
 
     @staticmethod

@@ -72,9 +72,7 @@ class _Fp8SavedAttention(torch.autograd.Function):
             p = quantize_groups(t.detach(), group_size)
             packed.append(p)
             if stats is not None:
-                stats.packed_tensors += 1
-                stats.packed_bytes_in += t.numel() * t.element_size()
-                stats.packed_bytes_out += p.nbytes
+                stats.add_packed(t, p)
         ctx.packed = packed  # not save_for_backward: these are already FP8, the storage's pack hook must not see them
         ctx.named = named
         return out

@@ -188,18 +188,11 @@ def glu_backward_reference(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 
 def _decode_f32(packed: Any) -> torch.Tensor:
-    """FP8 group codes -> FP32 values in the packed (memory) order, no rounding to the model dtype."""
-    from lowbit_amp.recipes.fp8_activations import PackedActivation, _group_scale
+    """FP8 group codes -> FP32 values in the packed (memory) order, no rounding to the model dtype (a kept tensor:
+    its FP32 copy)."""
+    from lowbit_amp.recipes.fp8_activations import PackedActivation, decode_flat
 
-    if not isinstance(packed, PackedActivation):
-        return packed.float()
-    out = torch.empty(packed.codes.shape, dtype=torch.float32, device=packed.codes.device)
-    step = max(1, _CHUNK // packed.codes.shape[1])
-    for start in range(0, packed.codes.shape[0], step):
-        sl = slice(start, start + step)
-        inv = _group_scale(packed.tensor_scale, packed.shifts[sl], inverse=True)
-        torch.mul(packed.codes[sl].float(), inv[:, None], out=out[sl])
-    return out.reshape(-1)[: packed.numel]
+    return decode_flat(packed, torch.float32) if isinstance(packed, PackedActivation) else packed.float()
 
 
 #: Activations whose Triton backward has passed tests/gpu/test_fp8_glu_gpu.py on a GPU (SiLU: H200, 2026-12-01, run k
