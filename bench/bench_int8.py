@@ -2,6 +2,8 @@
 
 Run: PYTHONPATH=. python bench/bench_int8.py [--out DIR] [--configs all|default|NAME,...] [--top N]
      [--extra ptr,interleave,fb1]      (writes bench_int8.json; docs/int8.md used --extra fb1 --top 2)
+     [--row all|NAME,...]              also the row-scaled GEMM (lowbit_amp/int8/row_scaled.py) per config, without
+                                       and with its residual fallback; --configs none skips the block-scaled ones
 
 Per shape: x (M, K) bf16 with outliers injected into a random 5% of its 128x128 tiles, W (N, K) bf16. Timed (median
 of CUDA-event runs, triton.testing.do_bench), all in the same process: bf16 ``x @ Wᵀ``; ``torch._int_mm`` on
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--configs", default="all")
     parser.add_argument("--extra", default="", help="extra variants: ptr,interleave,fb1")
     parser.add_argument("--top", type=int, default=3, help="how many of the fastest configs run with fallback")
+    parser.add_argument("--row", default="", help="row-scaled GEMM configs: all or NAME,... (empty: none)")
     args = parser.parse_args()
     parser_extra = args.extra.split(",") if args.extra else []
     variants = dict(CONFIGS)
@@ -63,6 +66,8 @@ def main() -> None:
         variants["n128_w8_s3_r128_il"] = dataclasses.replace(CONFIGS["n128_w8_s3_r128"], interleave=True)
     if args.configs == "default":
         variants = {DEFAULT_CONFIG: CONFIGS[DEFAULT_CONFIG]}
+    elif args.configs == "none":
+        variants = {}
     elif args.configs != "all":
         variants = {name: variants[name] for name in args.configs.split(",")}
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
@@ -113,6 +118,8 @@ def main() -> None:
                 best_t, best = min(done)
                 res[f"best_{mode}"] = {"config": best, "ms": best_t, "tflops": flops / best_t / 1e9,
                                        "vs_bf16": res["bf16_ms"] / best_t, "vs_int_mm": res["int_mm_ms"] / best_t}
+        if args.row:
+            run_row(args, res, x, w, bench, flops)
         res["quantize_residual_ms"] = bench(lambda: triton_quantize_act(x, 128, True, args.threshold, "residual"))
         res["quantize_none_ms"] = bench(lambda: triton_quantize_act(x, 128, False, args.threshold))
         if "best_residual" in res:
@@ -132,6 +139,50 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_int8.json"), "w") as handle:
         json.dump(meta, handle, indent=1)
+
+
+def run_row(args: argparse.Namespace, res: dict, x: torch.Tensor, w: torch.Tensor, bench, flops: float) -> None:
+    """The row-scaled GEMM (whole-K INT32 accumulation) per config, without and with residual fallback; the accuracy
+    of both layouts against the float64 product (rel. Frobenius error) on these outlier-injected inputs."""
+    from lowbit_amp.int8.block_quant import quantize_blocks
+    from lowbit_amp.int8.fallback import quantize_with_fallback
+    from lowbit_amp.int8.reference_gemm import reference_block_mm_nt
+    from lowbit_amp.int8.row_scaled import quantize_rows, reference_row_mm_nt
+    from lowbit_amp.kernels.int8_row_gemm import ROW_CONFIGS, triton_row_mm_nt
+    from lowbit_amp.quant.metrics import rel_err
+
+    names = list(ROW_CONFIGS) if args.row == "all" else args.row.split(",")
+    wq = quantize_rows(w)
+    ops = {"none": quantize_rows(x), "residual": quantize_rows(x, "128x128", args.threshold)}
+    exact = x.double() @ w.double().t()
+    wb = quantize_blocks(w, "128x128")
+    res["row_accuracy"] = {
+        "row_none": rel_err(exact, reference_row_mm_nt(ops["none"], wq, torch.float32).double()),
+        "row_residual": rel_err(exact, reference_row_mm_nt(ops["residual"], wq, torch.float32).double()),
+        "row_fallback_fraction": float(ops["residual"].flags.float().mean()),
+    }
+    for mode in ("residual", "hp"):
+        blk = quantize_with_fallback(x, "1x128", "128x128", args.threshold, mode)
+        res["row_accuracy"][f"block_{mode}"] = rel_err(exact, reference_block_mm_nt(blk, wb, torch.float32,
+                                                                                     b_hp=w).double())
+    res["row_accuracy"]["block_none"] = rel_err(exact, reference_block_mm_nt(quantize_blocks(x, "1x128"), wb,
+                                                                             torch.float32).double())
+    print(f"  accuracy vs float64 (rel. err): {res['row_accuracy']}", flush=True)
+    refs = {mode: reference_row_mm_nt(op, wq, torch.float32) for mode, op in ops.items()}
+    res["row_configs"] = {}
+    for name in names:
+        for mode, op in ops.items():
+            fn = lambda: triton_row_mm_nt(op, wq, torch.bfloat16, config=name)  # noqa: E731
+            try:
+                err = rel_err(refs[mode], triton_row_mm_nt(op, wq, torch.float32, config=name))
+                t = bench(fn)
+            except Exception as exc:
+                print(f"  row {name:18s} {mode:8s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            res["row_configs"].setdefault(name, {})[f"{mode}_ms"] = t
+            res["row_configs"][name][f"{mode}_rel_err"] = err
+            print(f"  row {name:18s} {mode:8s} {t:.3f} ms  {flops / t / 1e9:6.0f} TFLOP/s  {res['bf16_ms'] / t:.2f}x "
+                  f"bf16  {res['int_mm_ms'] / t:.2f}x _int_mm  rel_err {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,12 @@ case "${1:-checks}" in
       --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/seed3_grad_output.json" 2>&1 | tail -12
     ;;
+  int8row)
+    # The row-scaled INT8 GEMM (whole-K INT32 accumulation; lowbit_amp/int8/row_scaled.py) vs bf16 and _int_mm, and its
+    # accuracy next to the block-scaled layouts; plus its GPU test against the reference. ~3 min.
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
+    timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
+    ;;
   next_parity)
     # Issue 7's missing GPU parity: the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) and unit scaling vs O0,
     # SEEDS seeds of the 6x512 tiny GPT (the low-memory recipe's parity is in docs/recipes.md). ~5-8 min at 3 seeds.

@@ -307,3 +307,103 @@ def quantize_fallback_kernel(
             scale2 = scale_of(tl.max(tl.abs(missed), axis=1))
             tl.store(scale2_ptr + offs_m * s_am + kb * s_ak, scale2, mask=m_ok)
             tl.store(q2_ptr + q_offs, round_codes(missed * scale2[:, None]), mask=mask)
+
+
+@triton.jit
+def _load_tile(src, off_r, k0, offs_r, r_ok, K, s_r, s_k, BK: tl.constexpr, USE_TMA: tl.constexpr,
+               EVEN: tl.constexpr):
+    """One ``BR x BK`` K-major tile of a row-major int8 operand."""
+    if USE_TMA:
+        return src.load([off_r, k0])
+    ks = k0 + tl.arange(0, BK)
+    ptrs = src + offs_r[:, None] * s_r + ks[None, :] * s_k
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=r_ok[:, None] & (ks < K)[None, :], other=0)
+
+
+@triton.jit
+def _row_fallback_half(acc, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n, offs_m, offs_n, m_ok,
+                       n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB: tl.constexpr, BK: tl.constexpr,
+                       USE_TMA: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr):
+    """``acc += float(q2 · q_bᵀ over block kb) · sinv_a2[m, kb]`` for this M tile's flagged K blocks, ascending."""
+    if DYNAMIC_FB:
+        for i in tl.range(0, count):
+            kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
+            a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+            b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+            sa2 = tl.load(sa2_ptr + offs_m * s_sa2m + kb * s_sa2k, mask=m_ok, other=1.0)
+            sa2_inv = tl.math.div_rn(tl.full(sa2.shape, 1.0, tl.float32), sa2)
+            acc += tl.dot(a2, b.T, out_dtype=tl.int32).to(tl.float32) * sa2_inv[:, None]
+    else:  # Triton's interpreter rejects loop bounds loaded from memory: a static bound with a guard
+        for i in range(0, N_KB):
+            if i < count:
+                kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
+                a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+                b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+                sa2 = tl.load(sa2_ptr + offs_m * s_sa2m + kb * s_sa2k, mask=m_ok, other=1.0)
+                sa2_inv = tl.math.div_rn(tl.full(sa2.shape, 1.0, tl.float32), sa2)
+                acc += tl.dot(a2, b.T, out_dtype=tl.int32).to(tl.float32) * sa2_inv[:, None]
+    return acc
+
+
+@triton.jit
+def int8_row_mm_kernel(
+    a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr, a2_src, sa2_ptr, fb_idx_ptr, fb_cnt_ptr,
+    M, N, K,
+    s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_a2m, s_a2k, s_sa2m, s_sa2k, s_fb,
+    FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
+    DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
+    promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
+
+    Fallback (``FALLBACK``): the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product, promoted per K
+    block with the residual's own ``1 x BK`` scales, after the main loop (so its FP32 terms are never live during it).
+    ``out = (float(acc) · sinv_a[m] + Σ_kb float(part_kb) · sinv_a2[m, kb]) · sinv_b[n]``."""
+    BNS: tl.constexpr = BN // SPLIT_N
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    off_m = pid_m * BM
+    off_n0 = pid_n * BN
+    off_n1 = off_n0 + BNS
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n0 = off_n0 + tl.arange(0, BNS)
+    offs_n1 = off_n1 + tl.arange(0, BNS)
+    m_ok = offs_m < M
+    n0_ok = offs_n0 < N
+    n1_ok = offs_n1 < N
+    acc0 = tl.zeros((BM, BNS), dtype=tl.int32)
+    acc1 = tl.zeros((BM, BNS), dtype=tl.int32)  # SPLIT_N == 2 only; dead code otherwise
+    for kt in range(0, N_KB):  # N_KB constexpr: one compile per K (Triton's interpreter needs it)
+        k0 = kt * BK
+        a = _load_tile(a_src, off_m, k0, offs_m, m_ok, K, s_am, s_ak, BK, USE_TMA, EVEN)
+        b0 = _load_tile(b_src, off_n0, k0, offs_n0, n0_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+        acc0 = tl.dot(a, b0.T, acc0, out_dtype=tl.int32)
+        if SPLIT_N == 2:
+            b1 = _load_tile(b_src, off_n1, k0, offs_n1, n1_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+            acc1 = tl.dot(a, b1.T, acc1, out_dtype=tl.int32)
+    sa_inv = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_ptr + offs_m, mask=m_ok, other=1.0))
+    out0 = acc0.to(tl.float32) * sa_inv[:, None]
+    if FALLBACK:
+        count = tl.load(fb_cnt_ptr + pid_m)
+        out0 = _row_fallback_half(out0, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n0, offs_m,
+                                  offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB, BK,
+                                  USE_TMA, EVEN, DYNAMIC_FB)
+    out0 = out0 * tl.load(sb_ptr + offs_n0, mask=n0_ok, other=0.0)[None, :]
+    _store_half(out0, c_ptr, bias_ptr, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN)
+    if SPLIT_N == 2:
+        out1 = acc1.to(tl.float32) * sa_inv[:, None]
+        if FALLBACK:
+            out1 = _row_fallback_half(out1, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n1, offs_m,
+                                      offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB,
+                                      BK, USE_TMA, EVEN, DYNAMIC_FB)
+        out1 = out1 * tl.load(sb_ptr + offs_n1, mask=n1_ok, other=0.0)[None, :]
+        _store_half(out1, c_ptr, bias_ptr, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN)

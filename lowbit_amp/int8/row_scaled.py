@@ -1,0 +1,111 @@
+"""Row-scaled INT8 with block-level fallback: one scale per row over the whole K, outlier blocks add a residual.
+
+Why a second layout beside the ``1 x 128`` blocks: with a scale per K block, every block's INT32 product must be
+promoted to FP32 (convert, multiply, add) inside the GEMM's main loop, and Triton waits for each INT8 MMA before
+that promotion — on an H200 the block-scaled GEMM reaches 1.19-1.20x bf16 without fallback (docs/int8.md). With
+one scale per row of each operand (``x``'s tokens, ``W``'s output channels), the whole contraction accumulates in
+INT32 and the scales apply once in the epilogue, like an FP8 GEMM.
+
+What it costs in precision, and how the fallback pays it back: a row scale is set by the row's largest value, so a
+row holding an outlier block would lose the resolution of all its other blocks. The outlier blocks are therefore left
+out of the row's scale: the row scale comes from the amax of the row's *unflagged* K blocks (flags as in
+:mod:`lowbit_amp.int8.fallback`: a ``tile_rows x kblock`` tile whose amax exceeds ``threshold`` x the median tile
+amax), the codes saturate at +-127, and inside flagged tiles what saturation cut off — ``x - q/s`` — is quantized again
+with its own ``1 x kblock`` scales (``residual``). Values the row scale covers are then exact to the row's resolution
+even inside an outlier block (the residual there is only their rounding error), and the outliers keep 8 bits relative
+to their own size. The residual product runs on INT8 tensor cores for the flagged tiles only.
+
+Exact arithmetic (the Triton kernel, :mod:`lowbit_amp.kernels.int8_row_gemm`, is tested against it)::
+
+    acc  = Σ_k q_a[m, k] · q_b[n, k]                       (INT32 over the whole K: |acc| ≤ 127²·K < 2³¹)
+    out  = float(acc) · sinv_a[m]
+    out += float(Σ_k∈kb q2_a[m, k] · q_b[n, k]) · sinv2_a[m, kb]   (flagged tiles of a, K blocks ascending)
+    out  = out · sinv_b[n]  (+ bias), then the cast
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit_amp.formats import INT8
+from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
+from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles
+from lowbit_amp.quant.cast import compute_scale, quantize
+from lowbit_amp.quant.granularity import Granularity, amax
+
+__all__ = ["ROW", "MAX_K", "is_row_scaled", "quantize_rows", "reference_row_mm_nt"]
+
+ROW = Granularity(1, None)
+MAX_K = (2**31 - 1) // (127 * 127)  # the longest contraction whose INT32 sum cannot overflow: 133,144
+
+
+def is_row_scaled(blocks: Int8Blocks) -> bool:
+    return blocks.block.rows == 1 and blocks.block.cols is None
+
+
+def quantize_rows(
+    x2d: torch.Tensor,
+    tile: Granularity | str | None = None,
+    threshold: float = 6.0,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Int8Blocks | FallbackOperand:
+    """Row-scaled INT8 codes of ``x2d``; with ``tile`` (e.g. ``128x128``) outlier tiles get the residual fallback.
+
+    Reference implementation (torch ops, any device); the fused Triton quantizer produces the same codes."""
+    if x2d.dim() != 2:
+        raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x2d.shape)}; flatten leading dims first.")
+    if tile is None:
+        return quantize_blocks(x2d, ROW, rounding=rounding, generator=generator)
+    tile_g = Granularity.parse(tile)
+    if tile_g.rows is None or tile_g.cols is None:
+        raise ValueError(f"Fallback tile {tile!r} must be a block 'RxC' such as '128x128'.")
+    rows, cols = x2d.shape
+    block = Granularity(1, tile_g.cols)
+    block_amax = amax(x2d, block)
+    flags = detect_outlier_tiles(amax(block_amax, Granularity(tile_g.rows, 1)), threshold)
+    row_flags = expand_blocks(flags, rows, flags.shape[1], Granularity(tile_g.rows, 1))
+    clean = torch.where(row_flags, 0.0, block_amax).amax(1, keepdim=True)
+    row_amax = torch.where(clean > 0, clean, block_amax.amax(1, keepdim=True))
+    scale = compute_scale(row_amax, INT8)
+    q = quantize(x2d, scale, INT8, ROW, rounding=rounding, generator=generator)
+    main = Int8Blocks(q, scale, ROW)
+    operand = FallbackOperand(main, tile_g, flags, "residual")
+    missed = torch.where(operand.element_mask(), x2d.float() - main.dequantize(torch.float32), 0.0)
+    operand.residual = quantize_blocks(missed, block, rounding=rounding, generator=generator)
+    return operand
+
+
+def reference_row_mm_nt(
+    a: Int8Blocks | FallbackOperand,
+    b: Int8Blocks,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The pure-PyTorch row-scaled INT8 GEMM ``out = a · bᵀ`` (the module docstring's arithmetic)."""
+    from lowbit_amp.int8.reference_gemm import int_mm_nt
+
+    main = a.main if isinstance(a, FallbackOperand) else a
+    if not (is_row_scaled(main) and is_row_scaled(b)):
+        raise ValueError(f"reference_row_mm_nt needs row-scaled operands, got blocks {main.block} and {b.block}.")
+    rows, k_dim = main.q.shape
+    if k_dim > MAX_K:
+        raise ValueError(f"Row-scaled INT8 GEMM: K={k_dim} could overflow the INT32 accumulator (max {MAX_K}); use "
+                         "block scaling (act_block '1x128', weight_block '128x128') for this layer.")
+    out = int_mm_nt(main.q, b.q).float() * main.scale.float().reciprocal()
+    if isinstance(a, FallbackOperand):
+        assert a.residual is not None and a.mode == "residual"
+        bk = a.tile.cols
+        assert bk is not None
+        row_flags = expand_blocks(a.flags, rows, a.flags.shape[1], Granularity(a.tile.rows, 1))
+        sr_inv = a.residual.scale.float().reciprocal()
+        for kb in range(a.flags.shape[1]):
+            if not main.q.is_cuda and not bool(row_flags[:, kb].any()):  # skip unflagged blocks (no sync on CPU)
+                continue
+            ks = slice(kb * bk, min(k_dim, (kb + 1) * bk))
+            part = int_mm_nt(a.residual.q[:, ks], b.q[:, ks]).float() * sr_inv[:, kb, None]
+            out += torch.where(row_flags[:, kb, None], part, 0.0)
+    out = out * b.scale.float().reciprocal().t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype)

@@ -1,0 +1,117 @@
+"""Launcher of the row-scaled INT8 GEMM (:func:`lowbit_amp.kernels._int8_triton.int8_row_mm_kernel`).
+
+Numerics: :mod:`lowbit_amp.int8.row_scaled` (whole-K INT32 accumulation, row scales in the epilogue, the residual
+product of flagged tiles promoted per K block after the main loop). Each program owns a ``128 x BN`` output tile
+(128 = the fallback tile's rows, as in the block-scaled kernel, whose fallback index it shares); ``BK`` is the MMA's K
+step and the residual's scale block. Configurations below are measured by ``bench/bench_int8.py --row``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowbit_amp.int8.block_quant import Int8Blocks
+from lowbit_amp.int8.fallback import FallbackOperand
+from lowbit_amp.int8.row_scaled import MAX_K, is_row_scaled
+from lowbit_amp.kernels.int8_gemm import TILE_M, _interpreting, _Launcher, _tma_ok, fallback_index
+
+__all__ = ["ROW_CONFIGS", "RowGemmConfig", "row_kernel_supports", "triton_row_mm_nt"]
+
+
+@dataclass(frozen=True)
+class RowGemmConfig:
+    block_n: int = 256
+    split_n: int = 2  # the N tile as 2 MMAs of block_n/2 (two INT32 accumulators)
+    num_warps: int = 8
+    num_stages: int = 4
+    group_m: int = 8
+    block_k: int = 128
+    use_tma: bool = True
+
+
+ROW_CONFIGS: dict[str, RowGemmConfig] = {
+    "r256_w8_s4": RowGemmConfig(256, 2, 8, 4),
+    "r256_w8_s3": RowGemmConfig(256, 2, 8, 3),
+    "r256_w8_s4_one": RowGemmConfig(256, 1, 8, 4),
+    "r128_w4_s4": RowGemmConfig(128, 1, 4, 4),
+    "r128_w8_s5": RowGemmConfig(128, 1, 8, 5),
+}
+DEFAULT_ROW_CONFIG = "r256_w8_s4"
+
+_launch_row_gemm = _Launcher("int8_row_mm_kernel")
+
+
+def row_kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple[bool, str]:
+    main = a.main if isinstance(a, FallbackOperand) else a
+    if not (is_row_scaled(main) and is_row_scaled(b)):
+        return False, f"operands must be row-scaled (blocks {main.block} and {b.block})"
+    if main.q.shape[1] > MAX_K:
+        return False, f"K={main.q.shape[1]} > {MAX_K} could overflow INT32"
+    if isinstance(a, FallbackOperand) and (a.mode != "residual" or a.tile.rows != TILE_M):
+        return False, f"fallback must be 'residual' with {TILE_M}-row tiles (got {a.mode}, {a.tile})"
+    return True, "ok"
+
+
+def triton_row_mm_nt(
+    a: Int8Blocks | FallbackOperand,
+    b: Int8Blocks,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: RowGemmConfig | str | None = None,
+) -> torch.Tensor:
+    """The Triton row-scaled GEMM; same contract as :func:`lowbit_amp.int8.row_scaled.reference_row_mm_nt`."""
+    ok, reason = row_kernel_supports(a, b)
+    if not ok:
+        raise ValueError(f"triton_row_mm_nt: {reason}.")
+    cfg = ROW_CONFIGS[config or DEFAULT_ROW_CONFIG] if not isinstance(config, RowGemmConfig) else config
+    main = a.main if isinstance(a, FallbackOperand) else a
+    rows, k_dim = main.q.shape
+    cols = b.q.shape[0]
+    bk = cfg.block_k
+    if out is None:
+        out = torch.empty(rows, cols, dtype=out_dtype, device=main.q.device)
+    sa = main.scale.reshape(-1).float()
+    sb_inv = b.scale.reshape(-1).float().reciprocal()
+    fallback = isinstance(a, FallbackOperand)
+    a2: Any = main.q
+    sa2 = idx = cnt = sa
+    s_a2 = s_sa2 = (0, 0)
+    s_fb = 0
+    if fallback:
+        assert a.residual is not None
+        if a.tile.cols != bk:
+            raise ValueError(f"triton_row_mm_nt: the residual block ({a.tile.cols}) must equal the config's block_k "
+                             f"({bk}).")
+        cnt, idx = fallback_index(a.flags)
+        s_fb = idx.stride(0)
+        a2, sa2 = a.residual.q, a.residual.scale.float()
+        s_a2, s_sa2 = a2.stride(), sa2.stride()
+    bm, bn = TILE_M, cfg.block_n
+    bns = bn // cfg.split_n
+    use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if fallback else ()))
+    a_src: Any = main.q
+    b_src: Any = b.q
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_src = TensorDescriptor.from_tensor(main.q, [bm, bk])
+        b_src = TensorDescriptor.from_tensor(b.q, [bns, bk])
+        if fallback:
+            a2 = TensorDescriptor.from_tensor(a2, [bm, bk])
+    even = rows % bm == 0 and cols % bn == 0 and k_dim % bk == 0
+    grid = (math.ceil(rows / bm) * math.ceil(cols / bn),)
+    _launch_row_gemm(
+        grid,
+        (a_src, b_src, out, sa, sb_inv, bias if bias is not None else sb_inv, a2, sa2, idx, cnt),
+        (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, *s_sa2, s_fb),
+        {"FALLBACK": fallback, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
+         "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
+         "GROUP_M": cfg.group_m, "USE_TMA": use_tma},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
