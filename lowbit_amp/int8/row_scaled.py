@@ -11,16 +11,16 @@ row holding an outlier block would lose the resolution of all its other blocks. 
 out of the row's scale: the row scale comes from the amax of the row's *unflagged* K blocks (flags as in
 :mod:`lowbit_amp.int8.fallback`: a ``tile_rows x kblock`` tile whose amax exceeds ``threshold`` x the median tile
 amax), the codes saturate at +-127, and inside flagged tiles what saturation cut off — ``x - q/s`` — is quantized again
-with its own ``1 x kblock`` scales (``residual``). Values the row scale covers are then exact to the row's resolution
-even inside an outlier block (the residual there is only their rounding error), and the outliers keep 8 bits relative
-to their own size. The residual product runs on INT8 tensor cores for the flagged tiles only.
+(``residual``), with one scale per row (the residual is zero outside flagged tiles). Values the row scale covers are
+then exact to the row's resolution even inside an outlier block (the residual there is only their rounding error), and
+the outliers keep 8 bits relative to the row's largest one. The residual product runs on INT8 tensor cores for the
+flagged tiles only and, its scale being per row too, accumulates in INT32 like the main product.
 
 Exact arithmetic (the Triton kernel, :mod:`lowbit_amp.kernels.int8_row_gemm`, is tested against it)::
 
-    acc  = Σ_k q_a[m, k] · q_b[n, k]                       (INT32 over the whole K: |acc| ≤ 127²·K < 2³¹)
-    out  = float(acc) · sinv_a[m]
-    out += float(Σ_k∈kb q2_a[m, k] · q_b[n, k]) · sinv2_a[m, kb]   (flagged tiles of a, K blocks ascending)
-    out  = out · sinv_b[n]  (+ bias), then the cast
+    acc  = Σ_k q_a[m, k] · q_b[n, k]                 (INT32 over the whole K: |acc| ≤ 127²·K < 2³¹)
+    acc2 = Σ_k∈flagged tiles q2_a[m, k] · q_b[n, k]   (INT32)
+    out  = (float(acc) · sinv_a[m] + float(acc2) · sinv2_a[m]) · sinv_b[n]  (+ bias), then the cast
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def quantize_rows(
     main = Int8Blocks(q, scale, ROW)
     operand = FallbackOperand(main, tile_g, flags, "residual")
     missed = torch.where(operand.element_mask(), x2d.float() - main.dequantize(torch.float32), 0.0)
-    operand.residual = quantize_blocks(missed, block, rounding=rounding, generator=generator)
+    operand.residual = quantize_blocks(missed, ROW, rounding=rounding, generator=generator)
     return operand
 
 
@@ -95,16 +95,8 @@ def reference_row_mm_nt(
     out = int_mm_nt(main.q, b.q).float() * main.scale.float().reciprocal()
     if isinstance(a, FallbackOperand):
         assert a.residual is not None and a.mode == "residual"
-        bk = a.tile.cols
-        assert bk is not None
-        row_flags = expand_blocks(a.flags, rows, a.flags.shape[1], Granularity(a.tile.rows, 1))
-        sr_inv = a.residual.scale.float().reciprocal()
-        for kb in range(a.flags.shape[1]):
-            if not main.q.is_cuda and not bool(row_flags[:, kb].any()):  # skip unflagged blocks (no sync on CPU)
-                continue
-            ks = slice(kb * bk, min(k_dim, (kb + 1) * bk))
-            part = int_mm_nt(a.residual.q[:, ks], b.q[:, ks]).float() * sr_inv[:, kb, None]
-            out += torch.where(row_flags[:, kb, None], part, 0.0)
+        q2 = a.residual.q.masked_fill(~a.element_mask(), 0)  # the kernel reads flagged tiles only
+        out += int_mm_nt(q2, b.q).float() * a.residual.scale.float().reciprocal()
     out = out * b.scale.float().reciprocal().t()
     if bias is not None:
         out += bias.float()

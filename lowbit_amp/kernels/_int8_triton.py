@@ -314,54 +314,73 @@ def _load_tile(src, off_r, k0, offs_r, r_ok, K, s_r, s_k, BK: tl.constexpr, USE_
                EVEN: tl.constexpr):
     """One ``BR x BK`` K-major tile of a row-major int8 operand."""
     if USE_TMA:
-        return src.load([off_r, k0])
-    ks = k0 + tl.arange(0, BK)
-    ptrs = src + offs_r[:, None] * s_r + ks[None, :] * s_k
-    if EVEN:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=r_ok[:, None] & (ks < K)[None, :], other=0)
+        tile = src.load([off_r, k0])
+    else:
+        ks = k0 + tl.arange(0, BK)
+        ptrs = src + offs_r[:, None] * s_r + ks[None, :] * s_k
+        if EVEN:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=r_ok[:, None] & (ks < K)[None, :], other=0)
+    return tile
 
 
 @triton.jit
-def _row_fallback_half(acc, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n, offs_m, offs_n, m_ok,
-                       n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB: tl.constexpr, BK: tl.constexpr,
-                       USE_TMA: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr):
-    """``acc += float(q2 · q_bᵀ over block kb) · sinv_a2[m, kb]`` for this M tile's flagged K blocks, ascending."""
+def _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n, offs_m, offs_n, m_ok,
+                       n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB: tl.constexpr, BK: tl.constexpr,
+                       USE_TMA: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr, FB_STAGES: tl.constexpr):
+    """``out += float(Σ_flagged kb q2 · q_bᵀ) · sinv_a2[m]``: the residual codes share one scale per row, so this M
+    tile's flagged K blocks accumulate in INT32 like the main loop (software-pipelined; the next block's index is
+    loaded one iteration ahead so that no load waits on the index load) and are promoted once."""
+    acc = tl.zeros(out.shape, dtype=tl.int32)
     if DYNAMIC_FB:
-        for i in tl.range(0, count):
-            kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
+        kb_next = tl.load(fb_idx_ptr + pid_m * s_fb)
+        for i in tl.range(0, count, num_stages=FB_STAGES):
+            kb = kb_next
+            kb_next = tl.load(fb_idx_ptr + pid_m * s_fb + tl.minimum(i + 1, N_KB - 1))
             a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
             b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
-            sa2 = tl.load(sa2_ptr + offs_m * s_sa2m + kb * s_sa2k, mask=m_ok, other=1.0)
-            sa2_inv = tl.math.div_rn(tl.full(sa2.shape, 1.0, tl.float32), sa2)
-            acc += tl.dot(a2, b.T, out_dtype=tl.int32).to(tl.float32) * sa2_inv[:, None]
+            acc = tl.dot(a2, b.T, acc, out_dtype=tl.int32)
     else:  # Triton's interpreter rejects loop bounds loaded from memory: a static bound with a guard
         for i in range(0, N_KB):
             if i < count:
                 kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
                 a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
                 b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
-                sa2 = tl.load(sa2_ptr + offs_m * s_sa2m + kb * s_sa2k, mask=m_ok, other=1.0)
-                sa2_inv = tl.math.div_rn(tl.full(sa2.shape, 1.0, tl.float32), sa2)
-                acc += tl.dot(a2, b.T, out_dtype=tl.int32).to(tl.float32) * sa2_inv[:, None]
-    return acc
+                acc = tl.dot(a2, b.T, acc, out_dtype=tl.int32)
+    sa2_inv = tl.math.div_rn(tl.full((out.shape[0],), 1.0, tl.float32), tl.load(sa2_ptr + offs_m, mask=m_ok,
+                                                                                    other=1.0))
+    return out + acc.to(tl.float32) * sa2_inv[:, None]
+
+
+@triton.jit
+def _store_tile(acc, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS: tl.constexpr,
+                EVEN: tl.constexpr, C_TMA: tl.constexpr):
+    """The epilogue's store: through a TMA descriptor when the output allows (no per-element 64-bit pointers: with
+    them the 128x128 epilogue needed 255 registers and spilled, ptxas sm_90), else pointer stores."""
+    if C_TMA:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        c_src.store([off_m, off_n], acc.to(c_src.dtype))
+    else:
+        _store_half(acc, c_src, bias_ptr, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS, EVEN)
 
 
 @triton.jit
 def int8_row_mm_kernel(
     a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr, a2_src, sa2_ptr, fb_idx_ptr, fb_cnt_ptr,
     M, N, K,
-    s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_a2m, s_a2k, s_sa2m, s_sa2k, s_fb,
+    s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_a2m, s_a2k, s_fb,
     FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
     DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FB_STAGES: tl.constexpr, C_TMA: tl.constexpr,
 ):
     """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
     promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
 
-    Fallback (``FALLBACK``): the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product, promoted per K
-    block with the residual's own ``1 x BK`` scales, after the main loop (so its FP32 terms are never live during it).
-    ``out = (float(acc) · sinv_a[m] + Σ_kb float(part_kb) · sinv_a2[m, kb]) · sinv_b[n]``."""
+    Fallback (``FALLBACK``): the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product (row-scaled
+    too, INT32 over the flagged blocks) after the main loop, per N half, so that at most one extra INT32 accumulator
+    is live: ``out = (float(acc) · sinv_a[m] + float(acc2) · sinv_a2[m]) · sinv_b[n]``."""
     BNS: tl.constexpr = BN // SPLIT_N
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -395,15 +414,16 @@ def int8_row_mm_kernel(
     if FALLBACK:
         count = tl.load(fb_cnt_ptr + pid_m)
         out0 = _row_fallback_half(out0, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n0, offs_m,
-                                  offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB, BK,
-                                  USE_TMA, EVEN, DYNAMIC_FB)
+                                  offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB, BK, USE_TMA, EVEN,
+                                  DYNAMIC_FB, FB_STAGES)
     out0 = out0 * tl.load(sb_ptr + offs_n0, mask=n0_ok, other=0.0)[None, :]
-    _store_half(out0, c_ptr, bias_ptr, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN)
+    _store_tile(out0, c_ptr, bias_ptr, off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN, C_TMA)
     if SPLIT_N == 2:
         out1 = acc1.to(tl.float32) * sa_inv[:, None]
         if FALLBACK:
             out1 = _row_fallback_half(out1, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n1, offs_m,
-                                      offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_sa2m, s_sa2k, s_fb, N_KB,
-                                      BK, USE_TMA, EVEN, DYNAMIC_FB)
+                                      offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB, BK, USE_TMA,
+                                      EVEN, DYNAMIC_FB, FB_STAGES)
         out1 = out1 * tl.load(sb_ptr + offs_n1, mask=n1_ok, other=0.0)[None, :]
-        _store_half(out1, c_ptr, bias_ptr, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN)
+        _store_tile(out1, c_ptr, bias_ptr, off_m, off_n1, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN,
+                    C_TMA)

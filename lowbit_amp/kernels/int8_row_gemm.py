@@ -1,7 +1,7 @@
 """Launcher of the row-scaled INT8 GEMM (:func:`lowbit_amp.kernels._int8_triton.int8_row_mm_kernel`).
 
 Numerics: :mod:`lowbit_amp.int8.row_scaled` (whole-K INT32 accumulation, row scales in the epilogue, the residual
-product of flagged tiles promoted per K block after the main loop). Each program owns a ``128 x BN`` output tile
+product of the flagged tiles accumulated in INT32 after the main loop and promoted once). Each program owns a ``128 x BN`` output tile
 (128 = the fallback tile's rows, as in the block-scaled kernel, whose fallback index it shares); ``BK`` is the MMA's K
 step and the residual's scale block. Configurations below are measured by ``bench/bench_int8.py --row``.
 """
@@ -31,6 +31,8 @@ class RowGemmConfig:
     group_m: int = 8
     block_k: int = 128
     use_tma: bool = True
+    fb_stages: int | None = None  # pipeline depth of the fallback loop (None: num_stages)
+    tma_store: bool = True  # the output through a TMA descriptor where it allows (see _int8_triton._store_tile)
 
 
 ROW_CONFIGS: dict[str, RowGemmConfig] = {
@@ -39,6 +41,8 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r256_w8_s4_one": RowGemmConfig(256, 1, 8, 4),
     "r128_w4_s4": RowGemmConfig(128, 1, 4, 4),
     "r128_w8_s5": RowGemmConfig(128, 1, 8, 5),
+    "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),
+    "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),
 }
 DEFAULT_ROW_CONFIG = "r256_w8_s4"
 
@@ -80,7 +84,7 @@ def triton_row_mm_nt(
     fallback = isinstance(a, FallbackOperand)
     a2: Any = main.q
     sa2 = idx = cnt = sa
-    s_a2 = s_sa2 = (0, 0)
+    s_a2 = (0, 0)
     s_fb = 0
     if fallback:
         assert a.residual is not None
@@ -89,13 +93,15 @@ def triton_row_mm_nt(
                              f"({bk}).")
         cnt, idx = fallback_index(a.flags)
         s_fb = idx.stride(0)
-        a2, sa2 = a.residual.q, a.residual.scale.float()
-        s_a2, s_sa2 = a2.stride(), sa2.stride()
+        a2, sa2 = a.residual.q, a.residual.scale.reshape(-1).float()
+        s_a2 = a2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n
     use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if fallback else ()))
+    c_tma = use_tma and cfg.tma_store and _tma_ok(out) and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
     a_src: Any = main.q
     b_src: Any = b.q
+    c_src: Any = out
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -103,15 +109,18 @@ def triton_row_mm_nt(
         b_src = TensorDescriptor.from_tensor(b.q, [bns, bk])
         if fallback:
             a2 = TensorDescriptor.from_tensor(a2, [bm, bk])
+        if c_tma:
+            c_src = TensorDescriptor.from_tensor(out, [bm, bns])
     even = rows % bm == 0 and cols % bn == 0 and k_dim % bk == 0
     grid = (math.ceil(rows / bm) * math.ceil(cols / bn),)
     _launch_row_gemm(
         grid,
-        (a_src, b_src, out, sa, sb_inv, bias if bias is not None else sb_inv, a2, sa2, idx, cnt),
-        (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, *s_sa2, s_fb),
+        (a_src, b_src, c_src, sa, sb_inv, bias if bias is not None else sb_inv, a2, sa2, idx, cnt),
+        (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, s_fb),
         {"FALLBACK": fallback, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
-         "GROUP_M": cfg.group_m, "USE_TMA": use_tma},
+         "GROUP_M": cfg.group_m, "USE_TMA": use_tma, "FB_STAGES": cfg.fb_stages or cfg.num_stages,
+         "C_TMA": c_tma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
