@@ -2,7 +2,8 @@
 
 On CUDA the fused Triton quantizer runs when it serves the block shapes (``1 x kblock`` activation blocks, fallback
 tiles ``128 x kblock``, round-to-nearest); it produces the same codes and scales as the reference. Stochastic rounding
-and other block shapes run the reference (torch ops, on any device).
+and other block shapes run the reference (torch ops, on any device). ``act_block: row`` quantizes per row
+(:mod:`lowbit_amp.int8.row_scaled`), fused on CUDA likewise.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
 from lowbit_amp.int8.fallback import FallbackOperand, quantize_with_fallback
+from lowbit_amp.int8.row_scaled import ROW, quantize_rows
 from lowbit_amp.quant.granularity import Granularity
 
 if TYPE_CHECKING:
     from lowbit_amp.config import Int8Config
+
+_ROW_KBLOCKS = (64, 128, 256)  # the residual block sizes the fused row quantizer serves
 
 
 def _triton_serves(x2d: torch.Tensor, act: Granularity, tile: Granularity, rounding: str) -> bool:
@@ -25,6 +29,19 @@ def _triton_serves(x2d: torch.Tensor, act: Granularity, tile: Granularity, round
     from lowbit_amp.kernels.int8_gemm import _KBLOCKS, TILE_M
 
     return act.cols in _KBLOCKS and tile.rows == TILE_M and tile.cols == act.cols
+
+
+def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallback: bool, mode: str, rounding: str,
+                   generator: torch.Generator | None, backend: str) -> Int8Blocks | FallbackOperand:
+    if backend != "reference" and x2d.is_cuda and rounding == "nearest" and tile.cols in _ROW_KBLOCKS:
+        from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
+
+        op = triton_quantize_rows(x2d, tile.cols, fallback, threshold)  # type: ignore[arg-type]
+        if fallback and mode == "hp":  # the same row scales and flags; flagged codes zeroed (two torch ops)
+            op.main.q.masked_fill_(op.element_mask(), 0)
+            op.mode, op.residual, op.hp = "hp", None, x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
+        return op
+    return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode)
 
 
 def quantize_act(
@@ -38,6 +55,9 @@ def quantize_act(
     """Block-quantize ``x2d`` per ``cfg.act_block``; with ``fallback``, flag and re-represent outlier tiles."""
     act = Granularity.parse(cfg.act_block)
     tile = Granularity.parse(cfg.fallback_block)
+    if act == ROW:
+        return _quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, rounding, generator,
+                              backend)
     if backend != "reference" and _triton_serves(x2d, act, tile, rounding):
         from lowbit_amp.kernels.int8_gemm import triton_quantize_act
 

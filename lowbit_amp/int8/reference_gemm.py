@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
 from lowbit_amp.int8.fallback import FallbackOperand
+from lowbit_amp.int8.row_scaled import is_row_scaled, reference_row_mm_nt
 from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["int8_block_mm_nt", "int_mm_nt"]
@@ -112,7 +113,8 @@ def int8_block_mm_nt(
     b_hp: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``dequant(a) · dequant(b)ᵀ (+ bias)`` in ``out_dtype``.
+    """``dequant(a) · dequant(b)ᵀ (+ bias)`` in ``out_dtype``; row-scaled operands (both) take the row-scaled GEMM
+    (:mod:`lowbit_amp.int8.row_scaled`), block-scaled ones the block GEMM.
 
     ``backend``: ``"auto"`` runs the Triton kernel on CUDA when its block shapes are supported (see
     :func:`lowbit_amp.kernels.int8_gemm.kernel_supports`) and the reference otherwise; ``"reference"`` / ``"triton"``
@@ -121,6 +123,18 @@ def int8_block_mm_nt(
     if backend not in BACKENDS:
         raise ValueError(f"Unknown INT8 GEMM backend {backend!r}; use one of {list(BACKENDS)}.")
     main = a.main if isinstance(a, FallbackOperand) else a
+    if is_row_scaled(main) and is_row_scaled(b):
+        if backend != "reference" and main.q.is_cuda:
+            from lowbit_amp.kernels.int8_row_gemm import row_kernel_supports, triton_row_mm_nt
+
+            ok, reason = row_kernel_supports(a, b)
+            if ok:
+                return triton_row_mm_nt(a, b, out_dtype, bias, b_hp=b_hp)
+            if backend == "triton":
+                raise ValueError(f"The Triton row-scaled INT8 GEMM cannot serve this call: {reason}.")
+        elif backend == "triton":
+            raise ValueError("The Triton INT8 GEMM needs CUDA tensors; use backend='reference' on CPU.")
+        return reference_row_mm_nt(a, b, out_dtype, bias, b_hp)
     if backend != "reference" and main.q.is_cuda:
         from lowbit_amp.kernels.int8_gemm import kernel_supports, triton_block_mm_nt
 

@@ -29,7 +29,7 @@ import torch
 
 from lowbit_amp.formats import INT8
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
-from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles
+from lowbit_amp.int8.fallback import FALLBACK_MODES, HP_DTYPE, FallbackOperand, detect_outlier_tiles
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
 
@@ -49,8 +49,10 @@ def quantize_rows(
     threshold: float = 6.0,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
+    mode: str = "residual",
 ) -> Int8Blocks | FallbackOperand:
-    """Row-scaled INT8 codes of ``x2d``; with ``tile`` (e.g. ``128x128``) outlier tiles get the residual fallback.
+    """Row-scaled INT8 codes of ``x2d``; with ``tile`` (e.g. ``128x128``) outlier tiles fall back per ``mode``:
+    ``residual`` (above) or ``hp`` (their codes zeroed, their product in bf16 with the other operand's 16-bit values).
 
     Reference implementation (torch ops, any device); the fused Triton quantizer produces the same codes."""
     if x2d.dim() != 2:
@@ -70,7 +72,13 @@ def quantize_rows(
     scale = compute_scale(row_amax, INT8)
     q = quantize(x2d, scale, INT8, ROW, rounding=rounding, generator=generator)
     main = Int8Blocks(q, scale, ROW)
-    operand = FallbackOperand(main, tile_g, flags, "residual")
+    if mode not in FALLBACK_MODES:
+        raise ValueError(f"Unknown fallback mode {mode!r}; use one of {list(FALLBACK_MODES)}.")
+    operand = FallbackOperand(main, tile_g, flags, mode)
+    if mode == "hp":
+        main.q = main.q.masked_fill(operand.element_mask(), 0)
+        operand.hp = x2d.to(HP_DTYPE)
+        return operand
     missed = torch.where(operand.element_mask(), x2d.float() - main.dequantize(torch.float32), 0.0)
     operand.residual = quantize_blocks(missed, ROW, rounding=rounding, generator=generator)
     return operand
@@ -81,8 +89,10 @@ def reference_row_mm_nt(
     b: Int8Blocks,
     out_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
+    b_hp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The pure-PyTorch row-scaled INT8 GEMM ``out = a · bᵀ`` (the module docstring's arithmetic)."""
+    """The pure-PyTorch row-scaled INT8 GEMM ``out = a · bᵀ`` (the module docstring's arithmetic). ``hp`` fallback:
+    ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ_flagged tiles (bf16 a · bf16 b_hp)`` (FP32 sums)."""
     from lowbit_amp.int8.reference_gemm import int_mm_nt
 
     main = a.main if isinstance(a, FallbackOperand) else a
@@ -93,11 +103,22 @@ def reference_row_mm_nt(
         raise ValueError(f"Row-scaled INT8 GEMM: K={k_dim} could overflow the INT32 accumulator (max {MAX_K}); use "
                          "block scaling (act_block '1x128', weight_block '128x128') for this layer.")
     out = int_mm_nt(main.q, b.q).float() * main.scale.float().reciprocal()
+    sb_inv = b.scale.float().reciprocal().t()
+    if isinstance(a, FallbackOperand) and a.mode == "hp":
+        if b_hp is None:
+            raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
+        assert a.hp is not None
+        mask = a.element_mask()
+        a_hp = torch.where(mask, a.hp, 0).float()  # bf16 values, FP32 products and sums
+        return _finish(out * sb_inv + a_hp @ b_hp.to(HP_DTYPE).float().t(), bias, out_dtype)
     if isinstance(a, FallbackOperand):
-        assert a.residual is not None and a.mode == "residual"
+        assert a.residual is not None
         q2 = a.residual.q.masked_fill(~a.element_mask(), 0)  # the kernel reads flagged tiles only
         out += int_mm_nt(q2, b.q).float() * a.residual.scale.float().reciprocal()
-    out = out * b.scale.float().reciprocal().t()
+    return _finish(out * sb_inv, bias, out_dtype)
+
+
+def _finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype)

@@ -354,6 +354,53 @@ def _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, of
 
 
 @triton.jit
+def _row_hp_half(out, a2_src, b2_src, fb_idx_ptr, count, pid_m, off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m,
+                 s_a2k, s_b2n, s_b2k, s_fb, N_KB: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr,
+                 EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr, FB_STAGES: tl.constexpr):
+    """``hp`` fallback: the flagged K blocks' bf16 products accumulate straight into the FP32 output tile (their INT8
+    codes were zeroed), so this loop needs no accumulator of its own."""
+    if DYNAMIC_FB:
+        kb_next = tl.load(fb_idx_ptr + pid_m * s_fb)
+        for i in tl.range(0, count, num_stages=FB_STAGES):
+            kb = kb_next
+            kb_next = tl.load(fb_idx_ptr + pid_m * s_fb + tl.minimum(i + 1, N_KB - 1))
+            a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+            b2 = _load_tile(b2_src, off_n, kb * BK, offs_n, n_ok, K, s_b2n, s_b2k, BK, USE_TMA, EVEN)
+            out = tl.dot(a2, b2.T, out)
+    else:
+        for i in range(0, N_KB):
+            if i < count:
+                kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
+                a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+                b2 = _load_tile(b2_src, off_n, kb * BK, offs_n, n_ok, K, s_b2n, s_b2k, BK, USE_TMA, EVEN)
+                out = tl.dot(a2, b2.T, out)
+    return out
+
+
+@triton.jit
+def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr,
+                  pid_m, off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k, s_cm,
+                  s_cn, s_fb, FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                  N_KB: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, DYNAMIC_FB: tl.constexpr,
+                  FB_STAGES: tl.constexpr, C_TMA: tl.constexpr):
+    """One N half: promote, add the fallback, scale, store (see int8_row_mm_kernel)."""
+    sb_inv = tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)
+    if FALLBACK == 2:
+        out = acc.to(tl.float32) * sa_inv[:, None] * sb_inv[None, :]
+        out = _row_hp_half(out, a2_src, b2_src, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m, off_m, off_n,
+                           offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb, N_KB, BK, USE_TMA, EVEN,
+                           DYNAMIC_FB, FB_STAGES)
+    else:
+        out = acc.to(tl.float32) * sa_inv[:, None]
+        if FALLBACK == 1:
+            out = _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m,
+                                     off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb,
+                                     N_KB, BK, USE_TMA, EVEN, DYNAMIC_FB, FB_STAGES)
+        out = out * sb_inv[None, :]
+    _store_tile(out, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS, EVEN, C_TMA)
+
+
+@triton.jit
 def _store_tile(acc, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS: tl.constexpr,
                 EVEN: tl.constexpr, C_TMA: tl.constexpr):
     """The epilogue's store: through a TMA descriptor when the output allows (no per-element 64-bit pointers: with
@@ -368,9 +415,9 @@ def _store_tile(acc, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, 
 
 @triton.jit
 def int8_row_mm_kernel(
-    a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr, a2_src, sa2_ptr, fb_idx_ptr, fb_cnt_ptr,
+    a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr, a2_src, sa2_ptr, b2_src, fb_idx_ptr, fb_cnt_ptr,
     M, N, K,
-    s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_a2m, s_a2k, s_fb,
+    s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_a2m, s_a2k, s_b2n, s_b2k, s_fb,
     FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
     DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FB_STAGES: tl.constexpr, C_TMA: tl.constexpr,
@@ -378,9 +425,10 @@ def int8_row_mm_kernel(
     """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
     promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
 
-    Fallback (``FALLBACK``): the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product (row-scaled
-    too, INT32 over the flagged blocks) after the main loop, per N half, so that at most one extra INT32 accumulator
-    is live: ``out = (float(acc) · sinv_a[m] + float(acc2) · sinv_a2[m]) · sinv_b[n]``."""
+    Fallback, after the main loop, per N half (so that at most one extra accumulator is live): ``FALLBACK == 1``
+    the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product (row-scaled too, INT32 over the flagged
+    blocks): ``out = (float(acc) · sinv_a[m] + float(acc2) · sinv_a2[m]) · sinv_b[n]``; ``FALLBACK == 2`` (hp) their
+    bf16 product with ``b``'s 16-bit values: ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ a_hp · b_hpᵀ``."""
     BNS: tl.constexpr = BN // SPLIT_N
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -410,20 +458,10 @@ def int8_row_mm_kernel(
             b1 = _load_tile(b_src, off_n1, k0, offs_n1, n1_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
             acc1 = tl.dot(a, b1.T, acc1, out_dtype=tl.int32)
     sa_inv = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_ptr + offs_m, mask=m_ok, other=1.0))
-    out0 = acc0.to(tl.float32) * sa_inv[:, None]
-    if FALLBACK:
-        count = tl.load(fb_cnt_ptr + pid_m)
-        out0 = _row_fallback_half(out0, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n0, offs_m,
-                                  offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB, BK, USE_TMA, EVEN,
-                                  DYNAMIC_FB, FB_STAGES)
-    out0 = out0 * tl.load(sb_ptr + offs_n0, mask=n0_ok, other=0.0)[None, :]
-    _store_tile(out0, c_ptr, bias_ptr, off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN, C_TMA)
+    _row_epilogue(acc0, sa_inv, c_ptr, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr, pid_m,
+                  off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k, s_cm, s_cn,
+                  s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA)
     if SPLIT_N == 2:
-        out1 = acc1.to(tl.float32) * sa_inv[:, None]
-        if FALLBACK:
-            out1 = _row_fallback_half(out1, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n1, offs_m,
-                                      offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB, BK, USE_TMA,
-                                      EVEN, DYNAMIC_FB, FB_STAGES)
-        out1 = out1 * tl.load(sb_ptr + offs_n1, mask=n1_ok, other=0.0)[None, :]
-        _store_tile(out1, c_ptr, bias_ptr, off_m, off_n1, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN,
-                    C_TMA)
+        _row_epilogue(acc1, sa_inv, c_ptr, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr,
+                      pid_m, off_m, off_n1, offs_m, offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k,
+                      s_cm, s_cn, s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA)

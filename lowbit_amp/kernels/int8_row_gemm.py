@@ -31,7 +31,7 @@ class RowGemmConfig:
     group_m: int = 8
     block_k: int = 128
     use_tma: bool = True
-    fb_stages: int | None = None  # pipeline depth of the fallback loop (None: num_stages)
+    fb_stages: int | None = None  # pipeline depth of the fallback loop (None: num_stages for residual, 1 for hp)
     tma_store: bool = True  # the output through a TMA descriptor where it allows (see _int8_triton._store_tile)
 
 
@@ -43,6 +43,7 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r128_w8_s5": RowGemmConfig(128, 1, 8, 5),
     "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),
     "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),
+    "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),
 }
 DEFAULT_ROW_CONFIG = "r256_w8_s4"
 
@@ -55,8 +56,8 @@ def row_kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple
         return False, f"operands must be row-scaled (blocks {main.block} and {b.block})"
     if main.q.shape[1] > MAX_K:
         return False, f"K={main.q.shape[1]} > {MAX_K} could overflow INT32"
-    if isinstance(a, FallbackOperand) and (a.mode != "residual" or a.tile.rows != TILE_M):
-        return False, f"fallback must be 'residual' with {TILE_M}-row tiles (got {a.mode}, {a.tile})"
+    if isinstance(a, FallbackOperand) and a.tile.rows != TILE_M:
+        return False, f"fallback tiles must have {TILE_M} rows (got {a.tile})"
     return True, "ok"
 
 
@@ -67,6 +68,7 @@ def triton_row_mm_nt(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: RowGemmConfig | str | None = None,
+    b_hp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton row-scaled GEMM; same contract as :func:`lowbit_amp.int8.row_scaled.reference_row_mm_nt`."""
     ok, reason = row_kernel_supports(a, b)
@@ -82,22 +84,31 @@ def triton_row_mm_nt(
     sa = main.scale.reshape(-1).float()
     sb_inv = b.scale.reshape(-1).float().reciprocal()
     fallback = isinstance(a, FallbackOperand)
+    mode = 0
     a2: Any = main.q
+    b2: Any = main.q
     sa2 = idx = cnt = sa
-    s_a2 = (0, 0)
+    s_a2 = s_b2 = (0, 0)
     s_fb = 0
     if fallback:
-        assert a.residual is not None
         if a.tile.cols != bk:
-            raise ValueError(f"triton_row_mm_nt: the residual block ({a.tile.cols}) must equal the config's block_k "
-                             f"({bk}).")
+            raise ValueError(f"triton_row_mm_nt: the fallback tile's K block ({a.tile.cols}) must equal the config's "
+                             f"block_k ({bk}).")
         cnt, idx = fallback_index(a.flags)
         s_fb = idx.stride(0)
-        a2, sa2 = a.residual.q, a.residual.scale.reshape(-1).float()
+        if a.mode == "residual":
+            assert a.residual is not None
+            mode, a2, sa2 = 1, a.residual.q, a.residual.scale.reshape(-1).float()
+        else:
+            if b_hp is None:
+                raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
+            assert a.hp is not None
+            mode, a2, b2 = 2, a.hp, b_hp.to(a.hp.dtype)
+            s_b2 = b2.stride()
         s_a2 = a2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n
-    use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if fallback else ()))
+    use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if mode else ()), *((b2,) if mode == 2 else ()))
     c_tma = use_tma and cfg.tma_store and _tma_ok(out) and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
     a_src: Any = main.q
     b_src: Any = b.q
@@ -107,19 +118,21 @@ def triton_row_mm_nt(
 
         a_src = TensorDescriptor.from_tensor(main.q, [bm, bk])
         b_src = TensorDescriptor.from_tensor(b.q, [bns, bk])
-        if fallback:
+        if mode:
             a2 = TensorDescriptor.from_tensor(a2, [bm, bk])
+        if mode == 2:
+            b2 = TensorDescriptor.from_tensor(b2, [bns, bk])
         if c_tma:
             c_src = TensorDescriptor.from_tensor(out, [bm, bns])
     even = rows % bm == 0 and cols % bn == 0 and k_dim % bk == 0
     grid = (math.ceil(rows / bm) * math.ceil(cols / bn),)
     _launch_row_gemm(
         grid,
-        (a_src, b_src, c_src, sa, sb_inv, bias if bias is not None else sb_inv, a2, sa2, idx, cnt),
-        (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, s_fb),
-        {"FALLBACK": fallback, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
+        (a_src, b_src, c_src, sa, sb_inv, bias if bias is not None else sb_inv, a2, sa2, b2, idx, cnt),
+        (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, *s_b2, s_fb),
+        {"FALLBACK": mode, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
-         "GROUP_M": cfg.group_m, "USE_TMA": use_tma, "FB_STAGES": cfg.fb_stages or cfg.num_stages,
+         "GROUP_M": cfg.group_m, "USE_TMA": use_tma, "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 1),
          "C_TMA": c_tma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
