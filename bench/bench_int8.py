@@ -153,28 +153,26 @@ def run_row(args: argparse.Namespace, res: dict, x: torch.Tensor, w: torch.Tenso
 
     names = list(ROW_CONFIGS) if args.row == "all" else args.row.split(",")
     wq = quantize_rows(w)
-    ops = {"none": quantize_rows(x), "residual": quantize_rows(x, "128x128", args.threshold)}
+    ops = {"none": quantize_rows(x), "residual": quantize_rows(x, "128x128", args.threshold),
+           "hp": quantize_rows(x, "128x128", args.threshold, mode="hp")}
     exact = x.double() @ w.double().t()
     wb = quantize_blocks(w, "128x128")
-    res["row_accuracy"] = {
-        "row_none": rel_err(exact, reference_row_mm_nt(ops["none"], wq, torch.float32).double()),
-        "row_residual": rel_err(exact, reference_row_mm_nt(ops["residual"], wq, torch.float32).double()),
-        "row_fallback_fraction": float(ops["residual"].flags.float().mean()),
-    }
+    acc = res["row_accuracy"] = {f"row_{mode}": rel_err(exact, reference_row_mm_nt(op, wq, torch.float32,
+                                                                                    b_hp=w).double())
+                                 for mode, op in ops.items()}
+    acc["row_fallback_fraction"] = float(ops["residual"].flags.float().mean())
     for mode in ("residual", "hp"):
         blk = quantize_with_fallback(x, "1x128", "128x128", args.threshold, mode)
-        res["row_accuracy"][f"block_{mode}"] = rel_err(exact, reference_block_mm_nt(blk, wb, torch.float32,
-                                                                                     b_hp=w).double())
-    res["row_accuracy"]["block_none"] = rel_err(exact, reference_block_mm_nt(quantize_blocks(x, "1x128"), wb,
-                                                                             torch.float32).double())
-    print(f"  accuracy vs float64 (rel. err): {res['row_accuracy']}", flush=True)
-    refs = {mode: reference_row_mm_nt(op, wq, torch.float32) for mode, op in ops.items()}
+        acc[f"block_{mode}"] = rel_err(exact, reference_block_mm_nt(blk, wb, torch.float32, b_hp=w).double())
+    acc["block_none"] = rel_err(exact, reference_block_mm_nt(quantize_blocks(x, "1x128"), wb, torch.float32).double())
+    print(f"  accuracy vs float64 (rel. err): {acc}", flush=True)
+    refs = {mode: reference_row_mm_nt(op, wq, torch.float32, b_hp=w) for mode, op in ops.items()}
     res["row_configs"] = {}
     for name in names:
         for mode, op in ops.items():
-            fn = lambda: triton_row_mm_nt(op, wq, torch.bfloat16, config=name)  # noqa: E731
+            fn = lambda: triton_row_mm_nt(op, wq, torch.bfloat16, config=name, b_hp=w)  # noqa: E731
             try:
-                err = rel_err(refs[mode], triton_row_mm_nt(op, wq, torch.float32, config=name))
+                err = rel_err(refs[mode], triton_row_mm_nt(op, wq, torch.float32, config=name, b_hp=w))
                 t = bench(fn)
             except Exception as exc:
                 print(f"  row {name:18s} {mode:8s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
@@ -183,7 +181,19 @@ def run_row(args: argparse.Namespace, res: dict, x: torch.Tensor, w: torch.Tenso
             res["row_configs"][name][f"{mode}_rel_err"] = err
             print(f"  row {name:18s} {mode:8s} {t:.3f} ms  {flops / t / 1e9:6.0f} TFLOP/s  {res['bf16_ms'] / t:.2f}x "
                   f"bf16  {res['int_mm_ms'] / t:.2f}x _int_mm  rel_err {err:.2e}", flush=True)
+    # the fused row quantizer, and quantizer + GEMM (the default config), as a layer's forward runs them
+    from lowbit_amp.config import Int8Config
+    from lowbit_amp.int8.activation import quantize_act
+    from lowbit_amp.int8.reference_gemm import int8_block_mm_nt
 
+    for mode in ("none", "residual", "hp"):
+        cfg = Int8Config(act_block="row", weight_block="row", fallback=mode != "none",
+                         fallback_mode=mode if mode != "none" else "hp", fallback_threshold=args.threshold)
+        tq = bench(lambda: quantize_act(x, cfg, mode != "none"))
+        tqg = bench(lambda: int8_block_mm_nt(quantize_act(x, cfg, mode != "none"), wq, torch.bfloat16, b_hp=w))
+        res[f"row_quantize_{mode}_ms"], res[f"row_quant_plus_gemm_{mode}_ms"] = tq, tqg
+        print(f"  row quantize x ({mode}) {tq:.3f} ms; quantize + GEMM {tqg:.3f} ms = {res['bf16_ms'] / tqg:.2f}x bf16",
+              flush=True)
 
 if __name__ == "__main__":
     main()

@@ -158,6 +158,17 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  int8row2)
+    # Row-scaled INT8 in full: GPU tests of the kernels and the fused row quantizer, the GEMM bench with hp/residual
+    # fallback and quantizer + GEMM, then training quality (6x512 tiny GPT, 3 seeds) of row hp / no
+    # fallback vs O0 (residual: bench/configs/int8_row_residual.yaml). ~8 min.
+    timeout 110 python -m pytest -q -p no:cacheprovider tests/int8 2>&1 | tail -6
+    timeout 140 python bench/bench_int8.py --configs none --row r256_w8_s4,r256_w8_s3,r256_w8_s3_fb2,r128_w8_s5 \
+      --out "$OUT" 2>&1 | grep -v "^  n256" | tail -30
+    timeout 300 python -m lowbit_amp --levels "O0,bench/configs/int8_row_hp.yaml,bench/configs/int8_row_nofallback.yaml" \
+      --seeds "${SEEDS:-3}" --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 \
+      --batch-size 32 --quiet --json "$OUT/parity_int8_row.json" 2>&1 | tail -16
+    ;;
   next_parity)
     # Issue 7's missing GPU parity: the DeepSeek-V3 block-wise recipe (emulated GEMMs: slow) and unit scaling vs O0,
     # SEEDS seeds of the 6x512 tiny GPT (the low-memory recipe's parity is in docs/recipes.md). ~5-8 min at 3 seeds.

@@ -136,4 +136,4 @@ def row_quantize_kernel(
                 x = tl.load(x_rows + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
                 q = _codes(x * scale[:, None])  # recomputed (the same operations): no load of the codes just stored
                 missed = x - q.to(tl.float32) * inv[:, None]
-                tl.store(q2_rows + ks[None, :] * s_q2k, _codes(missed * scale2[:, None] * 1.0001), mask=mask)
+                tl.store(q2_rows + ks[None, :] * s_q2k, _codes(missed * scale2[:, None]), mask=mask)

@@ -384,9 +384,8 @@ def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, 
                   N_KB: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, DYNAMIC_FB: tl.constexpr,
                   FB_STAGES: tl.constexpr, C_TMA: tl.constexpr):
     """One N half: promote, add the fallback, scale, store (see int8_row_mm_kernel)."""
-    sb_inv = tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)
     if FALLBACK == 2:
-        out = acc.to(tl.float32) * sa_inv[:, None] * sb_inv[None, :]
+        out = acc.to(tl.float32) * sa_inv[:, None] * tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         out = _row_hp_half(out, a2_src, b2_src, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m, off_m, off_n,
                            offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb, N_KB, BK, USE_TMA, EVEN,
                            DYNAMIC_FB, FB_STAGES)
@@ -396,7 +395,9 @@ def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, 
             out = _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m,
                                      off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb,
                                      N_KB, BK, USE_TMA, EVEN, DYNAMIC_FB, FB_STAGES)
-        out = out * sb_inv[None, :]
+        # b's scales loaded only now: loaded before the fallback loop they stayed live through it and made the
+        # residual variant spill (ptxas sm_90: 144 B of stack)
+        out = out * tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     _store_tile(out, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS, EVEN, C_TMA)
 
 
