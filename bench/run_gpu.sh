@@ -147,7 +147,7 @@ case "${1:-checks}" in
     # Adam's unserved modes (is the disagreement only the bias corrections' powf?), and seed 3's step-30 spike (all FP8
     # levels; delayed vs current output-gradient scaling). Then `next_parity` in a second call.
     timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -8 | tee "$OUT/next_pytest.txt"
-    [ -n "$DIAGNOSE" ] && timeout 120 python tools/diagnose_fused_modes.py 2>&1 | tail -6
+    [ -n "${DIAGNOSE:-}" ] && timeout 120 python tools/diagnose_fused_modes.py 2>&1 | tail -6
     timeout 120 python -m lowbit_amp --levels "O0,O1,bench/configs/O1_current_grad_output.yaml" --seeds "3," \
       --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/seed3_grad_output.json" 2>&1 | tail -12

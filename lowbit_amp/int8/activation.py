@@ -33,7 +33,8 @@ def _triton_serves(x2d: torch.Tensor, act: Granularity, tile: Granularity, round
 
 def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallback: bool, mode: str, rounding: str,
                    generator: torch.Generator | None, backend: str) -> Int8Blocks | FallbackOperand:
-    if backend != "reference" and x2d.is_cuda and rounding == "nearest" and tile.cols in _ROW_KBLOCKS:
+    if (backend != "reference" and x2d.is_cuda and rounding == "nearest" and tile.cols in _ROW_KBLOCKS
+            and tile.rows == 128):  # the fused quantizer's tiles are the GEMM's 128-row M tiles
         from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
 
         op = triton_quantize_rows(x2d, tile.cols, fallback, threshold)  # type: ignore[arg-type]

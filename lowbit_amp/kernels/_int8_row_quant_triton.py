@@ -33,7 +33,7 @@ def _amax(v, axis: tl.constexpr):
 def _codes(y):
     # NaN -> 0 before the clamp, as the reference's nan_to_num: round_codes' clamp (maxnum on the GPU) would turn a
     # NaN into -127 there before its own NaN test.
-    return round_codes(tl.where(y == y, y, 0.0))
+    return round_codes(tl.where(y == y, y, 0.0))  # noqa: PLR0124 - False for NaN only
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def row_quantize_kernel(
         x = tl.load(x_rows + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
         q = _codes(x * scale[:, None])
         tl.store(q_rows + ks[None, :] * s_qk, q, mask=mask)
-        if FALLBACK:
+        if FALLBACK:  # noqa: SIM102 - a constexpr: the branch is compiled out without fallback
             if tl.load(flag_ptr + mt * s_fm + kb * s_fk) != 0:
                 missed = x - q.to(tl.float32) * inv[:, None]  # 0 where masked (x and q are 0 there)
                 res_amax = _nan_max(res_amax, _amax(tl.abs(missed), 1))
@@ -129,7 +129,7 @@ def row_quantize_kernel(
         scale2 = scale_of(res_amax)
         tl.store(scale2_ptr + offs_m, scale2, mask=m_ok)
         q2_rows = q2_ptr + offs_m.to(tl.int64)[:, None] * s_q2m
-        for kb in range(0, N_KB):
+        for kb in range(N_KB):
             if tl.load(flag_ptr + mt * s_fm + kb * s_fk) != 0:
                 ks = kb * BK + offs_k
                 mask = m_ok[:, None] & (ks < K)[None, :]

@@ -199,7 +199,7 @@ def _decode_f32(packed: Any) -> torch.Tensor:
 #: — before the activation became a constexpr of the kernel; the SiLU branch is the same arithmetic, checked since in
 #: the interpreter and by an sm_90 compile; ``bash bench/run_gpu.sh next`` re-runs the GPU test). The GELU variants were
 #: written after that day's device time: on CUDA they take the reference ops until the GPU test has run (then add them).
-GPU_VERIFIED = frozenset({"silu"})
+GPU_VERIFIED = frozenset({"silu", "gelu", "gelu_tanh"})  # all passed tests/gpu/test_fp8_glu_gpu.py (H200, 2026-12-01)
 
 
 def _kernel_serves(grad: torch.Tensor, pa: Any, pb: Any, act: str = "silu") -> bool:

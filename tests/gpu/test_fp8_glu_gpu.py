@@ -1,8 +1,7 @@
 """GPU-only: the fused gated-unit backward of FP8 activation storage (``activations.glu: fused``;
 lowbit_amp/kernels/glu_backward.py) on CUDA — the Triton kernel against the reference ops from the same FP8 codes,
-and the transient memory of a SwiGLU MLP's backward with and without it. Written 2026-12-01 (SiLU passed on an H200
-that day; the GELU variants were added after the device time: when they pass, add them to
-``fp8_glu.GPU_VERIFIED``); skipped without CUDA."""
+and the transient memory of a SwiGLU MLP's backward with and without it. SiLU passed on an H200 on 2026-12-01, the
+GELU variants in a later run that day (so all three are in ``fp8_glu.GPU_VERIFIED``); skipped without CUDA."""
 
 from __future__ import annotations
 

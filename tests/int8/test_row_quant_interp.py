@@ -90,7 +90,8 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
     """)
     paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
@@ -115,10 +116,11 @@ def test_row_quant_kernels_compile_for_sm90_without_fma() -> None:
     pointers = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "tile_ptr": "*fp32", "flag_ptr": "*u8", "q_ptr": "*i8",
                 "scale_ptr": "*fp32", "q2_ptr": "*i8", "scale2_ptr": "*fp32"}
     try:
-        compile_(k.row_block_amax_kernel, pointers, dict(TILE_M=128, RB=64, BK=128))
+        compile_(k.row_block_amax_kernel, pointers, {"TILE_M": 128, "RB": 64, "BK": 128})
         row = compile_(k.row_quantize_kernel, pointers,
-                       dict(FALLBACK=True, TILE_M=128, RB=16, BK=128, CH=64, N_KB=32, STAGES=3), enable_fp_fusion=False)
-    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this Triton build
+                       {"FALLBACK": True, "TILE_M": 128, "RB": 16, "BK": 128, "CH": 64, "N_KB": 32, "STAGES": 3},
+                       enable_fp_fusion=False)
+    except Exception as exc:  # no NVIDIA backend in this Triton build
         if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
             pytest.skip(f"cannot compile for sm_90 here: {exc}")
         raise
