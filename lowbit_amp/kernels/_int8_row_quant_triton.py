@@ -67,13 +67,14 @@ def row_quantize_kernel(
     x_ptr, amax_ptr, flag_ptr, q_ptr, scale_ptr, q2_ptr, scale2_ptr,
     M, K, s_xm, s_xk, s_am, s_ak, s_fm, s_fk, s_qm, s_qk, s_q2m, s_q2k,
     FALLBACK: tl.constexpr, TILE_M: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-    N_KB: tl.constexpr, STAGES: tl.constexpr,
+    N_KB: tl.constexpr, STAGES: tl.constexpr, HP: tl.constexpr,
 ):
     """One program per ``RB`` rows (RB divides TILE_M, so all of them share one row of fallback flags), over all of K.
 
     Owning whole rows lets one launch finish the rows: row scale -> codes (and the residual's row amax over the
     flagged tiles, from the tile already in registers) -> residual scale -> residual codes, which re-reads x in the
     flagged tiles only. ``q2`` is written inside flagged tiles only; elsewhere it keeps whatever the buffer held.
+    ``HP`` (the ``hp`` fallback): the flagged tiles' codes are written as zeros instead, and there is no residual.
 
     Row scale: with FALLBACK, the amax of the row's unflagged ``1 x BK`` blocks (from pass 1's block amaxes), or of
     the whole row where that is 0; without, the amax of the whole row, from a first loop over x.
@@ -119,12 +120,14 @@ def row_quantize_kernel(
         mask = m_ok[:, None] & (ks < K)[None, :]
         x = tl.load(x_rows + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
         q = _codes(x * scale[:, None])
+        if FALLBACK and HP:
+            q = tl.where(tl.load(flag_ptr + mt * s_fm + kb * s_fk) != 0, tl.zeros_like(q), q)
         tl.store(q_rows + ks[None, :] * s_qk, q, mask=mask)
-        if FALLBACK:  # noqa: SIM102 - a constexpr: the branch is compiled out without fallback
+        if FALLBACK and not HP:  # noqa: SIM102 - constexprs: the branch is compiled out otherwise
             if tl.load(flag_ptr + mt * s_fm + kb * s_fk) != 0:
                 missed = x - q.to(tl.float32) * inv[:, None]  # 0 where masked (x and q are 0 there)
                 res_amax = _nan_max(res_amax, _amax(tl.abs(missed), 1))
-    if FALLBACK:
+    if FALLBACK and not HP:
         # Rows without a flagged tile: residual amax 0 -> scale 1, as the reference (its residual is all zeros there).
         scale2 = scale_of(res_amax)
         tl.store(scale2_ptr + offs_m, scale2, mask=m_ok)

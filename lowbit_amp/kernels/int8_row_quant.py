@@ -81,11 +81,13 @@ def _rows_per_program(rows: int) -> int:
 
 
 def triton_quantize_rows(
-    x2d: torch.Tensor, block_k: int, fallback: bool, threshold: float, rows_per_program: int | None = None
+    x2d: torch.Tensor, block_k: int, fallback: bool, threshold: float, rows_per_program: int | None = None,
+    mode: str = "residual",
 ) -> Int8Blocks | FallbackOperand:
-    """Row-scaled INT8 codes of ``x2d``: ``quantize_rows(x2d, f"128x{block_k}", threshold)`` with ``fallback``, else
-    ``quantize_rows(x2d)`` (``block_k`` then only sets the kernel's K step). Same return types and fields; the
-    residual's codes are meaningful inside flagged tiles only (see the module docstring).
+    """Row-scaled INT8 codes of ``x2d``: ``quantize_rows(x2d, f"128x{block_k}", threshold, mode=mode)`` with
+    ``fallback``, else ``quantize_rows(x2d)`` (``block_k`` then only sets the kernel's K step). Same return types and
+    fields; the residual's codes are meaningful inside flagged tiles only (see the module docstring). ``mode="hp"``:
+    the flagged tiles' codes are zeroed in the same pass and ``hp`` is ``x2d`` in bf16 (no residual).
 
     ``rows_per_program``: the row kernel's rows per program (a power of two dividing 128; default
     :func:`_rows_per_program`), for tests and tuning."""
@@ -95,10 +97,12 @@ def triton_quantize_rows(
         raise ValueError(f"triton_quantize_rows: rows_per_program={rows_per_program} must divide {TILE_M}.")
     if x2d.dim() != 2:
         raise ValueError(f"triton_quantize_rows expects a 2-D tensor, got shape {tuple(x2d.shape)}.")
+    if mode not in ("residual", "hp"):
+        raise ValueError(f"Unknown fallback mode {mode!r}; use 'residual' or 'hp'.")
     rows, k_dim = x2d.shape
     tile = Granularity(TILE_M, block_k)
     if rows == 0 or k_dim == 0:  # nothing to launch: the reference's result
-        return quantize_rows(x2d, tile if fallback else None, threshold)
+        return quantize_rows(x2d, tile if fallback else None, threshold, mode=mode)
     dev = x2d.device
     q = torch.empty(rows, k_dim, dtype=torch.int8, device=dev)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=dev)
@@ -111,7 +115,7 @@ def triton_quantize_rows(
         _launch_row_quantize(
             grid, (x2d, scale, q, q, scale, q, scale),  # amax, flags, q2, scale2: placeholders, never read
             (rows, k_dim, *x2d.stride(), 0, 0, 0, 0, *q.stride(), 0, 0),
-            {"FALLBACK": False, **consts}, num_warps=warps, enable_fp_fusion=False,
+            {"FALLBACK": False, **consts, "HP": False}, num_warps=warps, enable_fp_fusion=False,
         )
         return Int8Blocks(q, scale, ROW)
     block_amax = torch.empty(rows, n_kb, dtype=torch.float32, device=dev)
@@ -123,11 +127,15 @@ def triton_quantize_rows(
     )
     flags = detect_outlier_tiles(tile_amax, threshold)
     flag_bytes = flags.view(torch.uint8)
-    q2 = torch.empty_like(q)  # written inside flagged tiles only
-    scale2 = torch.empty_like(scale)
+    hp = mode == "hp"
+    q2 = q if hp else torch.empty_like(q)  # written inside flagged tiles only (never with hp)
+    scale2 = scale if hp else torch.empty_like(scale)
     _launch_row_quantize(
         grid, (x2d, block_amax, flag_bytes, q, scale, q2, scale2),
         (rows, k_dim, *x2d.stride(), *block_amax.stride(), *flag_bytes.stride(), *q.stride(), *q2.stride()),
-        {"FALLBACK": True, **consts}, num_warps=warps, enable_fp_fusion=False,
+        {"FALLBACK": True, **consts, "HP": hp}, num_warps=warps, enable_fp_fusion=False,
     )
-    return FallbackOperand(Int8Blocks(q, scale, ROW), tile, flags, "residual", residual=Int8Blocks(q2, scale2, ROW))
+    main = Int8Blocks(q, scale, ROW)
+    if hp:
+        return FallbackOperand(main, tile, flags, "hp", hp=x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16))
+    return FallbackOperand(main, tile, flags, "residual", residual=Int8Blocks(q2, scale2, ROW))

@@ -41,6 +41,10 @@ def _compare(x: torch.Tensor, block_k: int, fallback: bool) -> int:
     diff = (ref.residual.q[mask].int() - tri.residual.q[mask].int()).abs()
     if diff.numel():
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    hp_ref = quantize_rows(x, f"128x{block_k}", 6.0, mode="hp")
+    hp_tri = triton_quantize_rows(x, block_k, True, 6.0, mode="hp")
+    assert torch.equal(hp_ref.flags, hp_tri.flags) and torch.equal(hp_ref.main.scale, hp_tri.main.scale)
+    assert torch.equal(hp_ref.main.q, hp_tri.main.q)  # the fused hp zeroing (not yet GPU-verified when written)
     return int(ref.flags.sum())
 
 

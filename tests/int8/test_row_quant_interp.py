@@ -43,6 +43,11 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
             assert torch.equal(ref.residual.q[mask], tri.residual.q[mask])
             if not has_nan:
                 assert torch.equal(ref.dequantize(), tri.dequantize())
+            hp_ref = quantize_rows(x, f"128x{bk}", threshold, mode="hp")
+            hp_tri = triton_quantize_rows(x, bk, True, threshold, mode="hp", **kw)
+            assert hp_tri.mode == "hp" and hp_tri.residual is None and hp_tri.hp.dtype == torch.bfloat16
+            assert torch.equal(hp_ref.flags, hp_tri.flags) and torch.equal(hp_ref.main.scale, hp_tri.main.scale)
+            assert torch.equal(hp_ref.main.q, hp_tri.main.q)  # flagged tiles zeroed in the same pass
             return int(ref.flags.sum())
 
         g = torch.Generator().manual_seed(0)
@@ -118,8 +123,10 @@ def test_row_quant_kernels_compile_for_sm90_without_fma() -> None:
     try:
         compile_(k.row_block_amax_kernel, pointers, {"TILE_M": 128, "RB": 64, "BK": 128})
         row = compile_(k.row_quantize_kernel, pointers,
-                       {"FALLBACK": True, "TILE_M": 128, "RB": 16, "BK": 128, "CH": 64, "N_KB": 32, "STAGES": 3},
-                       enable_fp_fusion=False)
+                       {"FALLBACK": True, "TILE_M": 128, "RB": 16, "BK": 128, "CH": 64, "N_KB": 32, "STAGES": 3,
+                        "HP": False}, enable_fp_fusion=False)
+        compile_(k.row_quantize_kernel, pointers, {"FALLBACK": True, "TILE_M": 128, "RB": 16, "BK": 128, "CH": 64,
+                                                   "N_KB": 32, "STAGES": 3, "HP": True}, enable_fp_fusion=False)
     except Exception as exc:  # no NVIDIA backend in this Triton build
         if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
             pytest.skip(f"cannot compile for sm_90 here: {exc}")
