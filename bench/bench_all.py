@@ -231,11 +231,12 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
         # weight cast), kept as the A/B of that change (issue 6, docs/performance.md).
         if "_dw_" in name or "_cw_" in name:
             overrides["linear"] = {"weight": {"scaling": {"algo": "delayed" if "_dw_" in name else "current"}}}
+        level = next((lvl for key, lvl in INT8_LEVELS.items() if f"_{key}_" in name), "O1")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the policy-kept-everything warning; the note below says it
-            model, opt = amp.initialize(model, opt, opt_level="O1", **overrides)
+            model, opt = amp.initialize(model, opt, opt_level=level, **overrides)
         report = amp.amp_state(model).report
-        note = f"{len(report.converted)}/{len(report.decisions)} linears FP8"
+        note = f"{len(report.converted)}/{len(report.decisions)} linears {'INT8' if level != 'O1' else 'FP8'}"
         if not report.converted:
             note += " (shape policy kept every linear in bf16; model unchanged)"
     elif name.startswith("torchao"):
@@ -247,6 +248,9 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
     return model, opt, note
 
 
+# "lowbit_<key>_eager": the INT8 layouts (docs/int8.md) in the same anchor step; eager only (the INT8 kernels' launcher
+# is not traceable by torch.compile).
+INT8_LEVELS = {"int8": "int8", "int8row": "configs/int8_row.yaml", "int8rowhp": "bench/configs/int8_row_hp.yaml"}
 E2E_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_cw_compile",
                 "torchao_tensorwise_compile", "torchao_tensorwise_eager"]
 E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_cw_compile",
@@ -315,8 +319,10 @@ def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: 
     except ImportError:
         variants = [v for v in variants if not v.startswith("torchao")]
         print("torchao not importable: its variants are skipped")
-    if os.environ.get("BENCH_VARIANTS"):  # e.g. BENCH_VARIANTS=bf16_compile,lowbit_O1_compile for a quick check
-        variants = [v for v in variants if v in os.environ["BENCH_VARIANTS"].split(",")]
+    if os.environ.get("BENCH_VARIANTS"):  # e.g. BENCH_VARIANTS=bf16_compile,lowbit_O1_compile for a quick check; names
+        # outside the section's list are run too (lowbit_int8row_eager, ...), in the order given
+        asked = os.environ["BENCH_VARIANTS"].split(",")
+        variants = [v for v in asked if v in variants or any(f"_{key}_" in v for key in INT8_LEVELS)]
     rows = [_time_variant(name, tag, dim, heads, ffn, layers, batch, seq) for name in variants]
     base = {mode: next((r["step_ms"] for r in rows if r["variant"] == f"bf16_{mode}"), None) for mode in ("eager", "compile")}
     print(f"\n== {tag}: step time, ratio to bf16 of the same mode ==")
