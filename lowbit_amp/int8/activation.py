@@ -54,7 +54,7 @@ def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallb
 
 def quantize_act(
     x2d: torch.Tensor,
-    cfg: "Int8Config",
+    cfg: Int8Config,
     fallback: bool,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,

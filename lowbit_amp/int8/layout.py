@@ -28,7 +28,7 @@ def _block(spec: str, what: str) -> Granularity:
     return gran
 
 
-def check_int8_config(cfg: "Int8Config") -> None:
+def check_int8_config(cfg: Int8Config) -> None:
     """Raise ``ValueError`` naming the field and the fix when the block shapes cannot work together."""
     act_row = Granularity.parse(cfg.act_block) == ROW
     weight_row = Granularity.parse(cfg.weight_block) == ROW
@@ -51,7 +51,7 @@ def check_int8_config(cfg: "Int8Config") -> None:
     _check_threshold(cfg)
 
 
-def _check_row_layout(cfg: "Int8Config", act_row: bool, weight_row: bool) -> None:
+def _check_row_layout(cfg: Int8Config, act_row: bool, weight_row: bool) -> None:
     """The row-scaled layout (:mod:`lowbit_amp.int8.row_scaled`): both operands per row."""
     if not (act_row and weight_row):
         raise ValueError(
@@ -62,7 +62,7 @@ def _check_row_layout(cfg: "Int8Config", act_row: bool, weight_row: bool) -> Non
     _check_threshold(cfg)
 
 
-def _check_threshold(cfg: "Int8Config") -> None:
+def _check_threshold(cfg: Int8Config) -> None:
     if not cfg.fallback_threshold > 1.0:
         raise ValueError(
             f"fallback_threshold={cfg.fallback_threshold} must be > 1: it is a multiple of the median tile amax, and "

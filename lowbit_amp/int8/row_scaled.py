@@ -33,7 +33,7 @@ from lowbit_amp.int8.fallback import FALLBACK_MODES, HP_DTYPE, FallbackOperand, 
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
 
-__all__ = ["ROW", "MAX_K", "is_row_scaled", "quantize_rows", "reference_row_mm_nt"]
+__all__ = ["MAX_K", "ROW", "is_row_scaled", "quantize_rows", "reference_row_mm_nt"]
 
 ROW = Granularity(1, None)
 MAX_K = (2**31 - 1) // (127 * 127)  # the longest contraction whose INT32 sum cannot overflow: 133,144
@@ -62,7 +62,7 @@ def quantize_rows(
     tile_g = Granularity.parse(tile)
     if tile_g.rows is None or tile_g.cols is None:
         raise ValueError(f"Fallback tile {tile!r} must be a block 'RxC' such as '128x128'.")
-    rows, cols = x2d.shape
+    rows = x2d.shape[0]
     block = Granularity(1, tile_g.cols)
     block_amax = amax(x2d, block)
     flags = detect_outlier_tiles(amax(block_amax, Granularity(tile_g.rows, 1)), threshold)
@@ -98,7 +98,7 @@ def reference_row_mm_nt(
     main = a.main if isinstance(a, FallbackOperand) else a
     if not (is_row_scaled(main) and is_row_scaled(b)):
         raise ValueError(f"reference_row_mm_nt needs row-scaled operands, got blocks {main.block} and {b.block}.")
-    rows, k_dim = main.q.shape
+    k_dim = main.q.shape[1]
     if k_dim > MAX_K:
         raise ValueError(f"Row-scaled INT8 GEMM: K={k_dim} could overflow the INT32 accumulator (max {MAX_K}); use "
                          "block scaling (act_block '1x128', weight_block '128x128') for this layer.")

@@ -65,6 +65,18 @@ def _load_b(b_src, off_n, k0, offs_k, offs_n, n_ok, K, s_bk, s_bn,
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (M tile, N tile) of program ``pid`` in grouped order: GROUP_M consecutive M tiles share each N tile, so the
+    weight tile they read stays in L2 between them."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+
+@triton.jit
 def int8_block_mm_kernel(
     a_src, b_src, c_ptr, sa_ptr, sb_ptr, bias_ptr,
     a2_src, sa2_ptr, b2_src, fb_idx_ptr, fb_cnt_ptr,
@@ -79,14 +91,7 @@ def int8_block_mm_kernel(
 ):
     """``c = a · bᵀ`` block-scaled; ``sa``: a's raw scales (inverted here), ``sb``: b's *inverse* scales."""
     BNS: tl.constexpr = BN // SPLIT_N
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     off_m = pid_m * BM
     off_n0 = pid_n * BN
     off_n1 = off_n0 + BNS
@@ -431,14 +436,7 @@ def int8_row_mm_kernel(
     blocks): ``out = (float(acc) · sinv_a[m] + float(acc2) · sinv_a2[m]) · sinv_b[n]``; ``FALLBACK == 2`` (hp) their
     bf16 product with ``b``'s 16-bit values: ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ a_hp · b_hpᵀ``."""
     BNS: tl.constexpr = BN // SPLIT_N
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     off_m = pid_m * BM
     off_n0 = pid_n * BN
     off_n1 = off_n0 + BNS

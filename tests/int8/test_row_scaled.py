@@ -137,36 +137,10 @@ def test_swiglu_down_projection_outliers_need_fallback(gen: torch.Generator) -> 
     assert errors["off"] >= 2.5 * errors["residual"], errors  # measured 0.0215 / 0.0077 = 2.8x
 
 
-@pytest.mark.parametrize("lead", [(3, 37), (64,)])
-@pytest.mark.parametrize("mode", ["hp", "residual"])
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_row_int8_linear_forward_backward_vs_float64(lead: tuple[int, ...], mode: str, stochastic: bool,
-                                                      gen: torch.Generator) -> None:
-    in_f, out_f = 160, 96
-    w = torch.randn(out_f, in_f, generator=gen) * 0.05
-    b = torch.randn(out_f, generator=gen)
-    x = torch.randn(*lead, in_f, generator=gen)
-    dy = torch.randn(*lead, out_f, generator=gen)
-    layer = _layer(w, b, stochastic_grad=stochastic, fallback_mode=mode)
-    xi = x.clone().requires_grad_(True)
-    y = layer(xi)
-    y.backward(dy)
-    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
-    b64 = b.double().requires_grad_(True)
-    y64 = F.linear(x64, w64, b64)
-    y64.backward(dy.double())
-    floor = 30 if not stochastic else 25  # dB
-    assert sqnr_db(y64, y) > floor
-    assert sqnr_db(x64.grad, xi.grad) > floor
-    assert sqnr_db(w64.grad, layer.weight.grad) > floor
-    assert rel_err(b64.grad, layer.bias.grad) < 1e-6
-    assert "int8 i:row,w:row,fallback:" + mode in repr(layer)
-
-
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(act_block="row"), "both operands must be row-scaled"),
-    (dict(act_block="1x128", weight_block="row"), "both operands must be row-scaled"),
-    (dict(act_block="row", weight_block="row", fallback_mode="residual", fallback_threshold=0.5), "must be > 1"),
+    ({"act_block": "row"}, "both operands must be row-scaled"),
+    ({"act_block": "1x128", "weight_block": "row"}, "both operands must be row-scaled"),
+    ({"act_block": "row", "weight_block": "row", "fallback_threshold": 0.5}, "must be > 1"),
 ])
 def test_row_config_errors_name_the_fix(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -216,5 +190,6 @@ def test_row_kernel_in_interpreter_matches_reference() -> None:
     """)
     paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

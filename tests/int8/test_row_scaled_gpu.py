@@ -35,8 +35,8 @@ def test_row_kernel_matches_reference(fallback: str, shape: tuple[int, int, int]
     tol = 1e-6 if fallback != "hp" else 1e-4  # hp: bf16 tensor-core sums in another order (as the block kernel's)
     assert float((ref - out).abs().max() / ref.abs().max()) < tol
     if x.shape[0] >= 1000:  # the fused quantizer: the same codes as the reference (see test_row_quant_gpu.py)
-        from lowbit_amp.int8.activation import quantize_act
         from lowbit_amp.config import Int8Config
+        from lowbit_amp.int8.activation import quantize_act
 
         cfg = Int8Config(act_block="row", weight_block="row", fallback=fallback != "none",
                          fallback_mode=fallback if fallback != "none" else "hp")

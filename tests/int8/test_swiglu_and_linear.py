@@ -48,14 +48,16 @@ def test_swiglu_down_projection_outliers_need_fallback(gen: torch.Generator) -> 
 @pytest.mark.parametrize("lead", [(3, 37), (64,)])
 @pytest.mark.parametrize("mode", ["hp", "residual"])
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_int8_linear_forward_backward_vs_float64(lead: tuple[int, ...], mode: str, stochastic: bool,
+@pytest.mark.parametrize("layout", ["block", "row"])  # row: lowbit_amp/int8/row_scaled.py
+def test_int8_linear_forward_backward_vs_float64(lead: tuple[int, ...], mode: str, stochastic: bool, layout: str,
                                                   gen: torch.Generator) -> None:
     in_f, out_f = 160, 96
     w = torch.randn(out_f, in_f, generator=gen) * 0.05
     b = torch.randn(out_f, generator=gen)
     x = torch.randn(*lead, in_f, generator=gen)
     dy = torch.randn(*lead, out_f, generator=gen)
-    layer = _layer(w, b, fallback_mode=mode, stochastic_grad=stochastic)
+    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {}
+    layer = _layer(w, b, fallback_mode=mode, stochastic_grad=stochastic, **blocks)
     xi = x.clone().requires_grad_(True)
     y = layer(xi)
     y.backward(dy)
@@ -68,4 +70,5 @@ def test_int8_linear_forward_backward_vs_float64(lead: tuple[int, ...], mode: st
     assert sqnr_db(x64.grad, xi.grad) > floor
     assert sqnr_db(w64.grad, layer.weight.grad) > floor
     assert rel_err(b64.grad, layer.bias.grad) < 1e-6
-    assert "int8 i:1x128,w:128x128,fallback:" + mode in repr(layer)
+    shapes = "i:row,w:row" if layout == "row" else "i:1x128,w:128x128"
+    assert f"int8 {shapes},fallback:{mode}" in repr(layer)
