@@ -17,7 +17,7 @@ from lowbit_amp.models.tiny_gpt import TinyGPT, TinyGPTConfig
 from lowbit_amp.nn.linear import LowBitLinear
 
 
-def _train(level: str, steps: int) -> tuple[list[float], torch.nn.Module]:
+def _train(level: object, steps: int) -> tuple[list[float], torch.nn.Module]:
     cfg = TinyGPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64, mlp="swiglu")
     model = TinyGPT(cfg, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -46,6 +46,24 @@ def test_int8_level_trains_close_to_o0() -> None:
     o0_last = sum(o0_losses[-5:]) / 5
     assert abs(last - o0_last) / o0_last < 0.02, (last, o0_last)  # within 2% of O0 after the same steps
     assert "fallback:hp" in amp.summary(model)
+
+
+@pytest.mark.parametrize("blocks", [{}, {"act_block": "row", "weight_block": "row"}], ids=["block", "row"])
+def test_int8_gemms_with_o3_8bit_gradients_and_optimizer_states(blocks: dict) -> None:
+    """INT8 GEMMs combine with the other tiers: O3's FP8 weight gradients and 8-bit optimizer states."""
+    steps = 30
+    config = amp.resolve_config("O3", {"linear": {"compute": "int8", "int8": blocks}})
+    assert config.optimizer.enabled and config.linear.weight_grad != "hp"
+    losses, model = _train(config, steps)
+    o0_losses, _ = _train("O0", steps)
+    layers = [m for m in model.modules() if isinstance(m, LowBitLinear) and m.lb_config.compute == "int8"]
+    assert len(layers) == 4
+    last, o0_last = sum(losses[-5:]) / 5, sum(o0_losses[-5:]) / 5
+    assert sum(losses[:5]) / 5 - last > 0.5, losses  # it learns
+    # measured +0.18% (block) and +0.13% (row) vs O0 after 30 steps (CPU, seeded); the bound leaves room for BLAS order
+    assert abs(last - o0_last) / o0_last < 0.03, (last, o0_last)
+    summary = amp.summary(model)
+    assert "fallback:hp" in summary and ("i:row,w:row" in summary) == bool(blocks)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
