@@ -114,7 +114,8 @@ class OperandConfig:
 
 @dataclass(frozen=True)
 class Int8Config:
-    """Block-wise INT8 GEMMs with dynamic 16-bit fallback of outlier activation blocks (arXiv 2503.08040)."""
+    """Block-wise (or row-scaled: act_block/weight_block "row") INT8 GEMMs with dynamic fallback of outlier activation
+    blocks (arXiv 2503.08040)."""
 
     act_block: str = "1x128"
     weight_block: str = "128x128"
