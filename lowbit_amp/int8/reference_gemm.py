@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
 from lowbit_amp.int8.fallback import FallbackOperand
-from lowbit_amp.int8.row_scaled import is_row_scaled, reference_row_mm_nt
+from lowbit_amp.int8.row_scaled import is_row_scaled, reference_row_mm_nt, row_mm_chunked
 from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["int8_block_mm_nt", "int_mm_nt"]
@@ -129,7 +129,9 @@ def int8_block_mm_nt(
 
             ok, reason = row_kernel_supports(a, b)
             if ok:
-                return triton_row_mm_nt(a, b, out_dtype, bias, b_hp=b_hp)
+                return row_mm_chunked(
+                    lambda a_, b_, dtype, bias_, hp_: triton_row_mm_nt(a_, b_, dtype, bias_, b_hp=hp_),
+                    a, b, out_dtype, bias, b_hp)
             if backend == "triton":
                 raise ValueError(f"The Triton row-scaled INT8 GEMM cannot serve this call: {reason}.")
         elif backend == "triton":

@@ -25,6 +25,8 @@ Exact arithmetic (the Triton kernel, :mod:`lowbit_amp.kernels.int8_row_gemm`, is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowbit_amp.formats import INT8
@@ -33,10 +35,11 @@ from lowbit_amp.int8.fallback import FALLBACK_MODES, HP_DTYPE, FallbackOperand, 
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
 
-__all__ = ["MAX_K", "ROW", "is_row_scaled", "quantize_rows", "reference_row_mm_nt"]
+__all__ = ["CHUNK_K", "MAX_K", "ROW", "is_row_scaled", "quantize_rows", "reference_row_mm_nt", "row_mm_chunked"]
 
 ROW = Granularity(1, None)
 MAX_K = (2**31 - 1) // (127 * 127)  # the longest contraction whose INT32 sum cannot overflow: 133,144
+CHUNK_K = (MAX_K // 1024) * 1024  # longer contractions run in chunks of whole K blocks / fallback tiles: 133,120
 
 
 def is_row_scaled(blocks: Int8Blocks) -> bool:
@@ -92,16 +95,73 @@ def reference_row_mm_nt(
     b_hp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-PyTorch row-scaled INT8 GEMM ``out = a · bᵀ`` (the module docstring's arithmetic). ``hp`` fallback:
-    ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ_flagged tiles (bf16 a · bf16 b_hp)`` (FP32 sums)."""
+    ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ_flagged tiles (bf16 a · bf16 b_hp)`` (FP32 sums). Contractions
+    longer than :data:`MAX_K` run in chunks (:func:`row_mm_chunked`)."""
+    return row_mm_chunked(_reference_row_mm, a, b, out_dtype, bias, b_hp)
+
+
+def row_mm_chunked(
+    mm: Callable[..., torch.Tensor],
+    a: Int8Blocks | FallbackOperand,
+    b: Int8Blocks,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    b_hp: torch.Tensor | None = None,
+    chunk_k: int | None = None,
+) -> torch.Tensor:
+    """``mm(a, b, out_dtype, bias, b_hp)``, or, when K exceeds what INT32 holds (:data:`MAX_K`: the weight gradient
+    contracts over tokens, and 64 x 4096 tokens is 262,144), the sum in FP32 of ``mm`` over K chunks of
+    :data:`CHUNK_K` (whole fallback tiles; the row scales are the same in every chunk), then the bias and the cast.
+    ``chunk_k``: for tests."""
+    main = a.main if isinstance(a, FallbackOperand) else a
+    if not (is_row_scaled(main) and is_row_scaled(b)):
+        raise ValueError(f"Row-scaled INT8 GEMM needs row-scaled operands, got blocks {main.block} and {b.block}.")
+    chunk = chunk_k or CHUNK_K
+    k_dim = main.q.shape[1]
+    if k_dim <= chunk:
+        return mm(a, b, out_dtype, bias, b_hp)
+    out = None
+    for start in range(0, k_dim, chunk):
+        a_c, b_c, hp_c = _k_slice(a, b, b_hp, start, min(k_dim, start + chunk))
+        part = mm(a_c, b_c, torch.float32, None, hp_c)
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return _finish(out, bias, out_dtype)
+
+
+def _k_slice(a: Int8Blocks | FallbackOperand, b: Int8Blocks, b_hp: torch.Tensor | None, start: int,
+             end: int) -> tuple[Int8Blocks | FallbackOperand, Int8Blocks, torch.Tensor | None]:
+    """Columns ``start:end`` of both operands (views; the row scales are whole-row and shared)."""
+    main = a.main if isinstance(a, FallbackOperand) else a
+    main_c = Int8Blocks(main.q[:, start:end], main.scale, ROW)
+    b_c = Int8Blocks(b.q[:, start:end], b.scale, ROW)
+    hp_c = b_hp[:, start:end] if b_hp is not None else None
+    if not isinstance(a, FallbackOperand):
+        return main_c, b_c, hp_c
+    tile_cols = a.tile.cols
+    assert tile_cols is not None and start % tile_cols == 0, (start, a.tile)
+    flags = a.flags[:, start // tile_cols: -(-end // tile_cols)]
+    op = FallbackOperand(main_c, a.tile, flags, a.mode)
+    if a.residual is not None:
+        op.residual = Int8Blocks(a.residual.q[:, start:end], a.residual.scale, ROW)
+    if a.hp is not None:
+        op.hp = a.hp[:, start:end]
+    return op, b_c, hp_c
+
+
+def _reference_row_mm(
+    a: Int8Blocks | FallbackOperand,
+    b: Int8Blocks,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    b_hp: torch.Tensor | None = None,
+) -> torch.Tensor:
     from lowbit_amp.int8.reference_gemm import int_mm_nt
 
     main = a.main if isinstance(a, FallbackOperand) else a
-    if not (is_row_scaled(main) and is_row_scaled(b)):
-        raise ValueError(f"reference_row_mm_nt needs row-scaled operands, got blocks {main.block} and {b.block}.")
-    k_dim = main.q.shape[1]
-    if k_dim > MAX_K:
-        raise ValueError(f"Row-scaled INT8 GEMM: K={k_dim} could overflow the INT32 accumulator (max {MAX_K}); use "
-                         "block scaling (act_block '1x128', weight_block '128x128') for this layer.")
+    if main.q.shape[1] > MAX_K:
+        raise ValueError(f"Row-scaled INT8 GEMM: K={main.q.shape[1]} could overflow the INT32 accumulator (max "
+                         f"{MAX_K}); call it through row_mm_chunked.")
     out = int_mm_nt(main.q, b.q).float() * main.scale.float().reciprocal()
     sb_inv = b.scale.float().reciprocal().t()
     if isinstance(a, FallbackOperand) and a.mode == "hp":

@@ -54,8 +54,6 @@ def row_kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple
     main = a.main if isinstance(a, FallbackOperand) else a
     if not (is_row_scaled(main) and is_row_scaled(b)):
         return False, f"operands must be row-scaled (blocks {main.block} and {b.block})"
-    if main.q.shape[1] > MAX_K:
-        return False, f"K={main.q.shape[1]} > {MAX_K} could overflow INT32"
     if isinstance(a, FallbackOperand) and a.tile.rows != TILE_M:
         return False, f"fallback tiles must have {TILE_M} rows (got {a.tile})"
     return True, "ok"
@@ -74,6 +72,9 @@ def triton_row_mm_nt(
     ok, reason = row_kernel_supports(a, b)
     if not ok:
         raise ValueError(f"triton_row_mm_nt: {reason}.")
+    if (a.main if isinstance(a, FallbackOperand) else a).q.shape[1] > MAX_K:
+        raise ValueError(f"triton_row_mm_nt: K > {MAX_K} could overflow INT32; call it through "
+                         "lowbit_amp.int8.row_scaled.row_mm_chunked.")
     cfg = ROW_CONFIGS[config or DEFAULT_ROW_CONFIG] if not isinstance(config, RowGemmConfig) else config
     main = a.main if isinstance(a, FallbackOperand) else a
     rows, k_dim = main.q.shape

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from lowbit_amp.config import ConfigError, Int8Config, LinearConfig
 from lowbit_amp.int8 import int8_block_mm_nt
-from lowbit_amp.int8.row_scaled import MAX_K, ROW, quantize_rows, reference_row_mm_nt
+from lowbit_amp.int8.row_scaled import (CHUNK_K, MAX_K, ROW, _reference_row_mm, quantize_rows, reference_row_mm_nt,
+                                        row_mm_chunked)
 from lowbit_amp.nn.linear import LowBitLinear
 from lowbit_amp.quant.metrics import rel_err, sqnr_db
 
@@ -97,10 +98,26 @@ def test_reference_gemm_is_the_dequantized_product(shape: tuple[int, int, int], 
     assert sqnr_db(x.double() @ b.dequantize(torch.float64).t() + bias.double(), out) > floor
 
 
-def test_row_gemm_refuses_overflowing_k() -> None:
-    a = quantize_rows(torch.ones(2, MAX_K + 1))
+@pytest.mark.parametrize("mode", ["none", "residual", "hp"])
+def test_long_contraction_runs_in_chunks(mode: str, gen: torch.Generator) -> None:
+    """K beyond INT32's reach (the weight gradient contracts over tokens) is summed in FP32 over K chunks; shown with
+    small chunks (the real chunk is CHUNK_K = 133,120) against the dequantized product."""
+    m, k, n = 200, 1000, 72
+    x = _inject(torch.randn(m, k, generator=gen), [(0, 3), (1, 6)], gen)
+    a = quantize_rows(x, "128x128", 6.0, mode=mode) if mode != "none" else quantize_rows(x)
+    w = torch.randn(n, k, generator=gen)
+    b = quantize_rows(w)
+    bias = torch.randn(n, generator=gen)
+    whole = reference_row_mm_nt(a, b, torch.float32, bias, b_hp=w)
+    chunked = row_mm_chunked(_reference_row_mm, a, b, torch.float32, bias, w, chunk_k=256)
+    assert rel_err(whole, chunked) < 1e-6  # FP32 summation order only
+    if mode != "hp":
+        exact = a.dequantize(torch.float64) @ b.dequantize(torch.float64).t() + bias.double()
+        assert rel_err(exact, chunked) < 1e-6
     with pytest.raises(ValueError, match="overflow the INT32 accumulator"):
-        reference_row_mm_nt(a, a, torch.float32)
+        _reference_row_mm(quantize_rows(torch.ones(2, MAX_K + 1)), quantize_rows(torch.ones(2, MAX_K + 1)),
+                          torch.float32)
+    assert CHUNK_K <= MAX_K and CHUNK_K % 1024 == 0
 
 
 def _layer(w: torch.Tensor, bias: torch.Tensor | None, **int8: object) -> LowBitLinear:
