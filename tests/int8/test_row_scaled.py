@@ -19,8 +19,15 @@ import torch.nn.functional as F
 
 from lowbit_amp.config import ConfigError, Int8Config, LinearConfig
 from lowbit_amp.int8 import int8_block_mm_nt
-from lowbit_amp.int8.row_scaled import (CHUNK_K, MAX_K, ROW, _reference_row_mm, quantize_rows, reference_row_mm_nt,
-                                        row_mm_chunked)
+from lowbit_amp.int8.row_scaled import (
+    CHUNK_K,
+    MAX_K,
+    ROW,
+    _reference_row_mm,
+    quantize_rows,
+    reference_row_mm_nt,
+    row_mm_chunked,
+)
 from lowbit_amp.nn.linear import LowBitLinear
 from lowbit_amp.quant.metrics import rel_err, sqnr_db
 
