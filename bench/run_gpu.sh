@@ -169,6 +169,14 @@ case "${1:-checks}" in
     timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py 2>&1 | tail -3
     timeout 150 python bench/bench_int8.py --configs none --row r256_w8_s4,r256_w8_s3 --out "$OUT" 2>&1 | tail -16
     ;;
+  next_parity2)
+    # The stochastic-rounding recipe's GPU parity (issue 7): O2 with SR on the E5M2 output-gradient casts and the FP8
+    # weight-gradient encode vs O2 and O0, 3 seeds of the 6x512 tiny GPT. (Enhanced loss scaling is for fp16 models; the
+    # CLI refuses pure-fp16 training — see lowbit_amp/train_loop.py — so its check stays the CPU tests.) ~3 min.
+    timeout 400 python -m lowbit_amp --levels "O0,O2,bench/configs/O2_sr.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
+      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
+      --json "$OUT/parity_sr.json" 2>&1 | tail -14
+    ;;
   int8row2)
     # Row-scaled INT8 in full: GPU tests of the kernels and the fused row quantizer, the GEMM bench with hp/residual
     # fallback and quantizer + GEMM, then training quality (6x512 tiny GPT, 3 seeds) of row hp / no

@@ -62,6 +62,12 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}.")
+        if self.dtype == "float16":
+            # Measured 2026-12-02 (CPU): the plain fp16 TinyGPT under torch's AdamW is NaN after one step at every level,
+            # O0 included (Adam's eps = 1e-8 is 0 in fp16, so tiny second moments divide by zero); fused AdamW (FP32
+            # math) avoids the NaN but the loss still diverges (3.9 -> 18 in 3 steps) without FP32 master weights.
+            raise ValueError("dtype 'float16' trains pure-fp16 parameters, which this loop's AdamW cannot (NaN after one "
+                             "step, with or without lowbit_amp): use 'bfloat16' (the CUDA default) or 'float32'.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if not 0.0 <= self.warmup_fraction < 1.0:

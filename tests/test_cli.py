@@ -323,3 +323,11 @@ def test_summarize_arithmetic_on_known_numbers() -> None:
     assert cli.summarize(runs)["levels"]["A"]["worst_seed"] == 11  # the base: its highest val loss
     with pytest.raises(ValueError, match="ran levels"):
         cli.summarize([runs[0], {"seed": 13, "levels": {"B": result(1.0), "A": result(1.0)}}])
+
+
+def test_float16_training_is_refused_with_the_reason() -> None:
+    """Pure-fp16 parameters under the loop's AdamW go NaN after one step at every level (eps underflows in fp16)."""
+    from lowbit_amp.train_loop import TrainSettings
+
+    with pytest.raises(ValueError, match="use 'bfloat16'"):
+        TrainSettings(dtype="float16")
