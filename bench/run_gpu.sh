@@ -12,8 +12,11 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh next     # START HERE next session: all GPU tests, fused-Adam modes, seed-3 probe
-#   bash bench/run_gpu.sh next_parity  # then: block-wise and unit-scaling GPU parity (issue 7)
+#   bash bench/run_gpu.sh int8e2e  # START HERE next session: INT8 layouts in the anchor step + pending row-INT8 GPU tests
+#   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity (issue 7)
+#   bash bench/run_gpu.sh next     # all GPU tests (ran 2026-12-01 run r: 318 passed), seed-3 probe (DIAGNOSE=1: fused-Adam modes)
+#   bash bench/run_gpu.sh next_parity  # block-wise and unit-scaling GPU parity (issue 7; ran: run o)
+#   bash bench/run_gpu.sh int8row / int8row2  # the row-scaled INT8 GEMM bench / + tests and training parity (runs p-s)
 #   bash bench/run_gpu.sh e2e6     # issue 6's anchor (4096 wide), eager and compiled, delayed and current weight scaling
 #   bash bench/run_gpu.sh parity   # multi-seed 6x512 parity: O2, O3 (8-bit v), O3 with FP16 v (configs/O3_fp16_v.yaml) vs O0
 # Results go to $OUT (default ./out). torchao is optional: carry its wheel in .whl/ (see bench/README.md).
@@ -141,7 +144,7 @@ case "${1:-checks}" in
       --quiet --json "$OUT/o3spike.json" 2>&1 | tail -12
     ;;
   next)
-    # START HERE next session (written 2026-12-01 after the device time was spent), one device call (~6 min): every GPU
+    # Written 2026-12-01 (ran as run r that evening: 318 passed), one device call (~6 min): every GPU
     # test after the day's changes (fused SwiGLU/GeGLU — when the GELU kernel cases pass, add them to
     # lowbit_amp.recipes.fp8_glu.GPU_VERIFIED —, checkpoint guard, group cast and fused encode on by default), the fused
     # Adam's unserved modes (is the disagreement only the bias corrections' powf?), and seed 3's step-30 spike (all FP8
