@@ -333,7 +333,8 @@ def _load_tile(src, off_r, k0, offs_r, r_ok, K, s_r, s_k, BK: tl.constexpr, USE_
 @triton.jit
 def _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, off_m, off_n, offs_m, offs_n, m_ok,
                        n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb, N_KB: tl.constexpr, BK: tl.constexpr,
-                       USE_TMA: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr, FB_STAGES: tl.constexpr):
+                       USE_TMA: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr, FB_STAGES: tl.constexpr,
+                       FB_TMA: tl.constexpr):
     """``out += float(Σ_flagged kb q2 · q_bᵀ) · sinv_a2[m]``: the residual codes share one scale per row, so this M
     tile's flagged K blocks accumulate in INT32 like the main loop (software-pipelined; the next block's index is
     loaded one iteration ahead so that no load waits on the index load) and are promoted once."""
@@ -343,14 +344,14 @@ def _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, count, pid_m, of
         for i in tl.range(0, count, num_stages=FB_STAGES):
             kb = kb_next
             kb_next = tl.load(fb_idx_ptr + pid_m * s_fb + tl.minimum(i + 1, N_KB - 1))
-            a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+            a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, FB_TMA, EVEN)
             b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
             acc = tl.dot(a2, b.T, acc, out_dtype=tl.int32)
     else:  # Triton's interpreter rejects loop bounds loaded from memory: a static bound with a guard
         for i in range(0, N_KB):
             if i < count:
                 kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
-                a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, USE_TMA, EVEN)
+                a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, FB_TMA, EVEN)
                 b = _load_tile(b_src, off_n, kb * BK, offs_n, n_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
                 acc = tl.dot(a2, b.T, acc, out_dtype=tl.int32)
     sa2_inv = tl.math.div_rn(tl.full((out.shape[0],), 1.0, tl.float32), tl.load(sa2_ptr + offs_m, mask=m_ok,
@@ -387,19 +388,21 @@ def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, 
                   pid_m, off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k, s_cm,
                   s_cn, s_fb, FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                   N_KB: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, DYNAMIC_FB: tl.constexpr,
-                  FB_STAGES: tl.constexpr, C_TMA: tl.constexpr):
-    """One N half: promote, add the fallback, scale, store (see int8_row_mm_kernel)."""
+                  FB_STAGES: tl.constexpr, C_TMA: tl.constexpr, FB_TMA: tl.constexpr):
+    """One N half: promote, add the fallback, scale, store (see int8_row_mm_kernel). ``FB_TMA``: the fallback's own
+    operands (residual codes, or the 16-bit ``a``/``b``) through TMA; False when they are strided views (the weight
+    gradient's transposed activations), which then take pointer loads while the main loop keeps TMA."""
     if FALLBACK == 2:
         out = acc.to(tl.float32) * sa_inv[:, None] * tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         out = _row_hp_half(out, a2_src, b2_src, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m, off_m, off_n,
-                           offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb, N_KB, BK, USE_TMA, EVEN,
+                           offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb, N_KB, BK, FB_TMA, EVEN,
                            DYNAMIC_FB, FB_STAGES)
     else:
         out = acc.to(tl.float32) * sa_inv[:, None]
         if FALLBACK == 1:
             out = _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m,
                                      off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb,
-                                     N_KB, BK, USE_TMA, EVEN, DYNAMIC_FB, FB_STAGES)
+                                     N_KB, BK, USE_TMA, EVEN, DYNAMIC_FB, FB_STAGES, FB_TMA)
         # b's scales loaded only now: loaded before the fallback loop they stayed live through it and made the
         # residual variant spill (ptxas sm_90: 144 B of stack)
         out = out * tl.load(sb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -427,6 +430,7 @@ def int8_row_mm_kernel(
     FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
     DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FB_STAGES: tl.constexpr, C_TMA: tl.constexpr,
+    FB_TMA: tl.constexpr,
 ):
     """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
     promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
@@ -459,8 +463,9 @@ def int8_row_mm_kernel(
     sa_inv = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_ptr + offs_m, mask=m_ok, other=1.0))
     _row_epilogue(acc0, sa_inv, c_ptr, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr, pid_m,
                   off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k, s_cm, s_cn,
-                  s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA)
+                  s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA, FB_TMA)
     if SPLIT_N == 2:
         _row_epilogue(acc1, sa_inv, c_ptr, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr,
                       pid_m, off_m, off_n1, offs_m, offs_n1, m_ok, n1_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k,
-                      s_cm, s_cn, s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA)
+                      s_cm, s_cn, s_fb, FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA,
+                      FB_TMA)

@@ -109,7 +109,10 @@ def triton_row_mm_nt(
         s_a2 = a2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n
-    use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if mode else ()), *((b2,) if mode == 2 else ()))
+    use_tma = cfg.use_tma and _tma_ok(main.q, b.q)
+    # The fallback operands keep TMA only where they allow it: the weight gradient's 16-bit a and b are transposed views
+    # (hp mode), and one strided operand must not take TMA away from the main loop.
+    fb_tma = use_tma and _tma_ok(*((a2,) if mode else ()), *((b2,) if mode == 2 else ()))
     c_tma = use_tma and cfg.tma_store and _tma_ok(out) and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
     a_src: Any = main.q
     b_src: Any = b.q
@@ -119,9 +122,9 @@ def triton_row_mm_nt(
 
         a_src = TensorDescriptor.from_tensor(main.q, [bm, bk])
         b_src = TensorDescriptor.from_tensor(b.q, [bns, bk])
-        if mode:
+        if mode and fb_tma:
             a2 = TensorDescriptor.from_tensor(a2, [bm, bk])
-        if mode == 2:
+        if mode == 2 and fb_tma:
             b2 = TensorDescriptor.from_tensor(b2, [bns, bk])
         if c_tma:
             c_src = TensorDescriptor.from_tensor(out, [bm, bns])
@@ -134,7 +137,7 @@ def triton_row_mm_nt(
         {"FALLBACK": mode, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
          "GROUP_M": cfg.group_m, "USE_TMA": use_tma, "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 1),
-         "C_TMA": c_tma},
+         "C_TMA": c_tma, "FB_TMA": fb_tma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -188,7 +188,7 @@ def test_yaml_config_trains_a_step() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_row_kernel_in_interpreter_matches_reference() -> None:
     script = textwrap.dedent("""
-        import dataclasses, torch
+        import copy, dataclasses, torch
         from lowbit_amp.int8.row_scaled import quantize_rows, reference_row_mm_nt
         from lowbit_amp.kernels.int8_row_gemm import ROW_CONFIGS, triton_row_mm_nt
         g = torch.Generator().manual_seed(0)
@@ -205,7 +205,10 @@ def test_row_kernel_in_interpreter_matches_reference() -> None:
                     cfg = dataclasses.replace(ROW_CONFIGS[name], use_tma=tma)
                     # not hp: the interpreter multiplies bf16 tiles as their raw 16-bit integers (1e11-sized
                     # results); the GPU test covers it
-                    for op in (a, a.main):
+                    strided = copy.copy(a)  # residual codes as a strided view: the fallback loses TMA, not the GEMM
+                    strided.residual = copy.copy(a.residual)
+                    strided.residual.q = a.residual.q.t().contiguous().t()
+                    for op in (a, a.main, strided):
                         yr = reference_row_mm_nt(op, wq, torch.float32, bias=bias)
                         yt = triton_row_mm_nt(op, wq, torch.float32, bias=bias, config=cfg)
                         err = float((yr - yt).abs().max() / yr.abs().max())

@@ -65,3 +65,21 @@ def test_row_kernel_in_k_chunks_matches_reference(fallback: str) -> None:
                          torch.float32, None, w, chunk_k=1024)
     tol = 1e-6 if fallback != "hp" else 1e-4
     assert float((ref - out).abs().max() / ref.abs().max()) < tol
+
+
+def test_row_kernel_with_strided_hp_operands() -> None:
+    """The weight gradient's hp operands are transposed views: the fallback takes pointer loads (FB_TMA off) while the
+    main loop keeps TMA (ptxas sm_90: 160 B of stack in that variant)."""
+    from lowbit_amp.kernels.int8_row_gemm import triton_row_mm_nt
+
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x_t = torch.randn(1024, 768, device="cuda", generator=gen)
+    x_t[:128:5, 256:384:9] *= 300.0
+    x = x_t.bfloat16().t().contiguous().t()  # (1024, 768) values, column-major storage: a strided view
+    w = (torch.randn(512, 768, device="cuda", generator=gen) * 0.05).bfloat16().t().contiguous().t()
+    a = quantize_rows(x, "128x128", 6.0, mode="hp")
+    assert bool(a.flags.any()) and not a.hp.is_contiguous()
+    wq = quantize_rows(w)
+    ref = reference_row_mm_nt(a, wq, torch.float32, b_hp=w)
+    out = triton_row_mm_nt(a, wq, torch.float32, b_hp=w)
+    assert float((ref - out).abs().max() / ref.abs().max()) < 1e-4
