@@ -169,7 +169,8 @@ case "${1:-checks}" in
     BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
       timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -12
     cp "$OUT/bench.jsonl" "$OUT/bench_int8_e2e.jsonl" 2>/dev/null || true
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py tests/int8/test_row_scaled_gpu.py 2>&1 | tail -3
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py tests/int8/test_row_scaled_gpu.py \
+      tests/int8/test_triton_gpu.py 2>&1 | tail -3
     timeout 150 python bench/bench_int8.py --configs none --row r256_w8_s4,r256_w8_s3 --out "$OUT" 2>&1 | tail -16
     ;;
   next_parity2)

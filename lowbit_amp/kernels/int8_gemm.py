@@ -287,6 +287,12 @@ def triton_block_mm_nt(
             s_a2, s_b2 = a2.stride(), b2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n
+    if mode == 2 and cfg.use_tma and _tma_ok(main.q, b.q) and not _tma_ok(a2, b2):
+        # The weight gradient's 16-bit operands are transposed views: copied contiguous so that TMA stays on for the
+        # whole GEMM (one strided operand turned it off: pointer loads ran at 0.46x bf16, and in this kernel's
+        # fallback step alone they spilled, see fallback_step). Written 2026-12-02 without device time.
+        a2, b2 = a2.contiguous(), b2.contiguous()
+        s_a2, s_b2 = a2.stride(), b2.stride()
     use_tma = cfg.use_tma and _tma_ok(main.q, b.q, *((a2,) if mode else ()), *((b2,) if mode == 2 else ()))
     a_src: Any = main.q
     b_src: Any = b.q

@@ -78,3 +78,18 @@ def test_every_config_matches_reference(name: str) -> None:
         assert rel_err(y_ref, y_tri) < (1e-6 if mode == "residual" else 1e-4), (name, mode)
     y_ref = reference_block_mm_nt(ref.main, wq, torch.float32)
     assert rel_err(y_ref, triton_block_mm_nt(ref.main, wq, torch.float32, config=cfg)) < 1e-6
+
+
+def test_block_kernel_with_strided_hp_operands() -> None:
+    """The weight gradient's hp operands are transposed views; the launcher copies them contiguous so that TMA stays
+    on (written 2026-12-02 without device time)."""
+    from lowbit_amp.kernels.int8_gemm import triton_block_mm_nt
+
+    x = _x(768, 1024, seed=3).t().contiguous().t()  # (768, 1024) values in column-major storage
+    w = (torch.randn(512, 1024, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4)) * 0.05)
+    w = w.bfloat16().t().contiguous().t()
+    a = quantize_with_fallback(x, "1x128", "128x128", 6.0, "hp")
+    assert bool(a.flags.any()) and not a.hp.is_contiguous()
+    wq = quantize_blocks(w, "128x128")
+    ref = reference_block_mm_nt(a, wq, torch.float32, b_hp=w)
+    assert rel_err(ref, triton_block_mm_nt(a, wq, torch.float32, b_hp=w)) < 1e-4
