@@ -162,16 +162,17 @@ case "${1:-checks}" in
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
   int8e2e)
-    # START HERE next session (written 2026-12-01 after the device time): the INT8 layouts' end-to-end anchor step
-    # (4096-wide, 8192 tokens, AdamW, eager) next to bf16 and O1 in one process — what decides whether the row layout
-    # becomes the int8 preset's default — then the GPU test of the fused hp zeroing (if it passes, set
-    # lowbit_amp/int8/activation.py FUSED_HP_ZEROING = True) and the row bench once more. ~6 min.
+    # START HERE next session (written 2026-12-02 after the device time): first the GPU tests of what was written
+    # without device time (K chunks, strided fallback operands in both INT8 kernels, the fused hp zeroing — if
+    # test_row_quant_gpu.py passes, set lowbit_amp/int8/activation.py FUSED_HP_ZEROING = True), then the INT8 layouts'
+    # end-to-end anchor step (4096-wide, 8192 tokens, AdamW, eager) next to bf16 and O1 in one process — what decides
+    # whether the row layout becomes the int8 preset's default — and the row GEMM bench once more. ~8 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py tests/int8/test_row_scaled_gpu.py \
+      tests/int8/test_triton_gpu.py 2>&1 | tail -3
     BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
       timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -12
     cp "$OUT/bench.jsonl" "$OUT/bench_int8_e2e.jsonl" 2>/dev/null || true
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py tests/int8/test_row_scaled_gpu.py \
-      tests/int8/test_triton_gpu.py 2>&1 | tail -3
-    timeout 150 python bench/bench_int8.py --configs none --row r256_w8_s4,r256_w8_s3 --out "$OUT" 2>&1 | tail -16
+    timeout 110 python bench/bench_int8.py --configs none --row r256_w8_s4,r256_w8_s3 --out "$OUT" 2>&1 | tail -16
     ;;
   next_parity2)
     # The stochastic-rounding recipe's GPU parity (issue 7): O2 with SR on the E5M2 output-gradient casts and the FP8
