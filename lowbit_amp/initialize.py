@@ -7,6 +7,7 @@ extra call is needed. The returned model is the same object (layers swapped in p
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,29 @@ def _loss_scaling(config: LowBitConfig, model: nn.Module) -> LossScalingConfig:
         # fp16 models underflow without it (apex's default for fp16 too).
         return LossScalingConfig(**{**scaling.__dict__, "mode": "dynamic"})
     return scaling
+
+
+_FP16_TINY = 2.0**-24  # the smallest fp16 subnormal: a smaller Adam eps is 0 in fp16 arithmetic
+
+
+def _warn_fp16_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Warn when torch's Adam/AdamW will update fp16 parameters in fp16 arithmetic with an eps fp16 cannot hold.
+
+    Measured (CPU, 2026-12-02): an fp16 TinyGPT under ``AdamW(eps=1e-8)`` is NaN after one step, without lowbit_amp
+    too — tiny second moments plus an eps that rounds to 0 divide by zero. The fused implementation computes in FP32
+    and avoids the NaN (but pure-fp16 weights still lose small updates); lowbit_amp's own optimizer (O3) keeps master
+    weights."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") or group.get("eps", 1.0) >= _FP16_TINY:
+            continue
+        if any(p.dtype == torch.float16 for p in group["params"]):
+            warnings.warn(
+                f"{type(optimizer).__name__}(eps={group['eps']}) over float16 parameters: the update runs in fp16, where "
+                "this eps is 0, and the first step with a tiny second moment divides by zero (NaN). Keep FP32 or bf16 "
+                "parameters (or FP32 master weights), or pass fused=True (FP32 math inside).", stacklevel=3)
+            return
 
 
 def initialize(
@@ -112,6 +136,7 @@ def initialize(
         from lowbit_amp.optim.build import build_optimizer
 
         optimizer = build_optimizer(optimizer, model, config)
+    _warn_fp16_adam(optimizer)
     optimizer.register_step_post_hook(after_step_hook(model, manager))
     optimizer.lowbit_loss_scaler = DynamicLossScaler(_loss_scaling(config, model))  # type: ignore[attr-defined]
     if config.monitor:

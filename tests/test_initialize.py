@@ -241,3 +241,27 @@ def test_summary_lists_the_model_wide_pieces() -> None:
     assert "FP8 weight copy between forward and backward: none" in text
     assert "saved activations: FP8, 1x16 groups" in text and "attention fp8, gated units fused" in text
     assert "last forward: " in text
+
+
+def test_fp16_params_with_unfused_adam_warn_and_the_warning_is_right() -> None:
+    """fp16 parameters under torch's AdamW(eps=1e-8) go NaN after one step (eps is 0 in fp16); initialize says so."""
+    import warnings
+
+    def model_and_opt(fused: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).half()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+
+    model, opt = model_and_opt(False)
+    with pytest.warns(UserWarning, match="eps=1e-08.*float16"):
+        model, opt = amp.initialize(model, opt, "O0")
+    x = torch.randn(16, 32).half()
+    for _ in range(2):
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # what the warning predicts
+    model, opt = model_and_opt(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        amp.initialize(model, opt, "O0")  # fused: FP32 math inside, no warning
