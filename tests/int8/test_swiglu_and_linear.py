@@ -21,7 +21,12 @@ def _layer(w: torch.Tensor, bias: torch.Tensor | None, **int8: object) -> LowBit
     return layer
 
 
-def test_swiglu_down_projection_outliers_need_fallback(gen: torch.Generator) -> None:
+# Measured error ratios (no fallback / with it; seeded): block layout hp 5.3x, residual 1.35x (the INT8 weight error
+# times the outlier remains); row layout (lowbit_amp/int8/row_scaled.py) hp 8.9x (0.0215 / 0.0024), residual 2.8x.
+@pytest.mark.parametrize("layout, floors", [("block", {"hp": 5.0, "residual": 1.2}),
+                                            ("row", {"hp": 5.0, "residual": 2.5})])
+def test_swiglu_down_projection_outliers_need_fallback(layout: str, floors: dict[str, float],
+                                                       gen: torch.Generator) -> None:
     tokens, dim, hidden = 512, 256, 768
     x = torch.randn(tokens, dim, generator=gen)
     w_gate, w_up = (torch.randn(hidden, dim, generator=gen) / dim**0.5 for _ in range(2))
@@ -32,17 +37,18 @@ def test_swiglu_down_projection_outliers_need_fallback(gen: torch.Generator) -> 
         cols = tj * 128 + (torch.arange(128) * (7 + ti)) % 128
         h[ti * 128 + torch.arange(128), cols] *= 500.0
     ref = h.double() @ w_down.double().t()
+    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {}
     errors = {}
-    for name, kwargs in {"off": dict(fallback=False), "hp": dict(fallback_mode="hp"),
-                         "residual": dict(fallback_mode="residual")}.items():
-        layer = _layer(w_down, None, **kwargs)
+    for name, kwargs in {"off": {"fallback": False}, "hp": {"fallback_mode": "hp"},
+                         "residual": {"fallback_mode": "residual"}}.items():
+        layer = _layer(w_down, None, **kwargs, **blocks)
         with torch.no_grad():
             errors[name] = rel_err(ref, layer(h))
         if name != "off":
             assert abs(float(layer.fallback_fraction) - 4 / 24) < 1e-6
     assert Int8Config().fallback_mode == "hp"
-    assert errors["off"] >= 5 * errors["hp"], errors  # measured 5.3x (seeded)
-    assert errors["off"] >= 1.2 * errors["residual"], errors  # measured 1.35x: the INT8 weight error remains
+    assert errors["off"] >= floors["hp"] * errors["hp"], errors
+    assert errors["off"] >= floors["residual"] * errors["residual"], errors
 
 
 @pytest.mark.parametrize("lead", [(3, 37), (64,)])
