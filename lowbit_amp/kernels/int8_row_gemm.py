@@ -1,9 +1,10 @@
 """Launcher of the row-scaled INT8 GEMM (:func:`lowbit_amp.kernels._int8_triton.int8_row_mm_kernel`).
 
 Numerics: :mod:`lowbit_amp.int8.row_scaled` (whole-K INT32 accumulation, row scales in the epilogue, the residual
-product of the flagged tiles accumulated in INT32 after the main loop and promoted once). Each program owns a ``128 x BN`` output tile
-(128 = the fallback tile's rows, as in the block-scaled kernel, whose fallback index it shares); ``BK`` is the MMA's K
-step and the residual's scale block. Configurations below are measured by ``bench/bench_int8.py --row``.
+product of the flagged tiles accumulated in INT32 after the main loop and promoted once). Each program owns a
+``128 x BN`` output tile (128 = the fallback tile's rows, as in the block-scaled kernel, whose fallback index it
+shares); ``BK`` is the MMA's K step and the fallback tile's width. Configurations below are measured by
+``bench/bench_int8.py --row`` (H200, 2026-12-01, runs q and s; docs/int8.md).
 """
 
 from __future__ import annotations
@@ -25,27 +26,35 @@ __all__ = ["ROW_CONFIGS", "RowGemmConfig", "row_kernel_supports", "triton_row_mm
 @dataclass(frozen=True)
 class RowGemmConfig:
     block_n: int = 256
-    split_n: int = 2  # the N tile as 2 MMAs of block_n/2 (two INT32 accumulators)
+    split_n: int = 2  # the N tile as 2 MMAs of block_n/2 (two INT32 accumulators; one spilled with residual fallback)
     num_warps: int = 8
-    num_stages: int = 4
+    num_stages: int = 3
     group_m: int = 8
     block_k: int = 128
     use_tma: bool = True
-    fb_stages: int | None = None  # pipeline depth of the fallback loop (None: num_stages for residual, 1 for hp)
+    # Pipeline depth of the fallback loop; None: num_stages for residual, 2 for hp (measured with r256_w8_s3: hp
+    # 0.593 / 1.152 ms at depth 2 vs 0.630 / 1.208 at depth 1; residual 1.072 ms at 8192^3 at depth 2 vs 1.007 at 3)
+    fb_stages: int | None = None
     tma_store: bool = True  # the output through a TMA descriptor where it allows (see _int8_triton._store_tile)
 
 
+# ms at 16384x4096x4096 / 8192^3 with 5.4% of tiles falling back (H200, run s; run q in parentheses where it ran):
+# none, residual, hp.
 ROW_CONFIGS: dict[str, RowGemmConfig] = {
-    "r256_w8_s4": RowGemmConfig(256, 2, 8, 4),
+    # the default: 0.489 / 0.928 none, 0.548 (0.552) / 1.007 (1.050) residual, hp (fallback depth 2) 0.593 / 1.152
     "r256_w8_s3": RowGemmConfig(256, 2, 8, 3),
+    # 192 KB of shared memory: 0.490 / 0.923, 0.555 / 1.046, hp at fallback depth 1 0.615 / 1.204
+    "r256_w8_s4": RowGemmConfig(256, 2, 8, 4),
+    # one 128x256 INT32 accumulator: fastest without fallback (run q: 0.452 / 0.866) but the residual's second
+    # accumulator spills (1.494 / 2.925)
     "r256_w8_s4_one": RowGemmConfig(256, 1, 8, 4),
-    "r128_w4_s4": RowGemmConfig(128, 1, 4, 4),
-    "r128_w8_s5": RowGemmConfig(128, 1, 8, 5),
-    "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),
-    "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),
-    "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),
+    "r128_w4_s4": RowGemmConfig(128, 1, 4, 4),  # run q: 0.532 / 1.028 none; residual spills (1.647 / 3.173)
+    "r128_w8_s5": RowGemmConfig(128, 1, 8, 5),  # 0.554 / 1.039, 0.607 / 1.157, 0.682 / 1.244
+    "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),  # run q: residual 0.560 / 1.092
+    "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),  # pointer stores: run q 0.554 / 1.063 residual
+    "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),  # 0.490 / 0.924, 0.557 / 1.072, 0.593 / 1.152
 }
-DEFAULT_ROW_CONFIG = "r256_w8_s4"
+DEFAULT_ROW_CONFIG = "r256_w8_s3"
 
 _launch_row_gemm = _Launcher("int8_row_mm_kernel")
 
@@ -136,7 +145,8 @@ def triton_row_mm_nt(
         (rows, cols, k_dim, *main.q.stride(), *b.q.stride(), *out.stride(), *s_a2, *s_b2, s_fb),
         {"FALLBACK": mode, "HAS_BIAS": bias is not None, "EVEN": even, "N_KB": math.ceil(k_dim / bk),
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
-         "GROUP_M": cfg.group_m, "USE_TMA": use_tma, "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 1),
+         "GROUP_M": cfg.group_m, "USE_TMA": use_tma,
+         "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 2),
          "C_TMA": c_tma, "FB_TMA": fb_tma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
