@@ -13,7 +13,8 @@
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
 #   bash bench/run_gpu.sh int8e2e  # START HERE next session: INT8 layouts in the anchor step + pending row-INT8 GPU tests
-#   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling's LR (issue 7)
+#   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling at lr 1.5e-3
+#   bash bench/run_gpu.sh next_parity3 # and unit scaling at lr 6e-3 and 2.4e-2, each next to O0 (issue 7)
 #   bash bench/run_gpu.sh next     # all GPU tests (ran 2026-12-01 run r: 318 passed), seed-3 probe (DIAGNOSE=1: fused-Adam modes)
 #   bash bench/run_gpu.sh next_parity  # block-wise and unit-scaling GPU parity (issue 7; ran: run o)
 #   bash bench/run_gpu.sh int8row / int8row2  # the row-scaled INT8 GEMM bench / + tests and training parity (runs p-s)
@@ -181,10 +182,16 @@ case "${1:-checks}" in
     timeout 240 python -m lowbit_amp --levels "O0,O2,bench/configs/O2_sr.yaml" --seeds "${SEEDS:-3}" --eval-batches 32 \
       --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
       --json "$OUT/parity_sr.json" 2>&1 | tail -14
-    # Unit scaling at larger learning rates, each next to O0 at the same rate (on CPU the unit-scaled model gained
-    # most from a larger LR; docs/recipes.md). ~2 min each.
-    for lr in 0.006 0.012; do
-      timeout 150 python -m lowbit_amp --levels "O0,configs/unit_scaled_O1.yaml" --lr $lr --seeds "${SEEDS:-3}" \
+    LRS=0.0015 bash "$0" unit_lr
+    ;;
+  next_parity3)
+    LRS="0.006 0.024" bash "$0" unit_lr
+    ;;
+  unit_lr)
+    # Unit scaling's learning-rate sweep, each rate with O0 next to it (on CPU O0 is best at <= 1.5e-3 and the
+    # unit-scaled model at >= 2.4e-2; docs/recipes.md). ~2 min per rate.
+    for lr in ${LRS:-0.0015 0.006 0.024}; do
+      timeout 200 python -m lowbit_amp --levels "O0,configs/unit_scaled_O1.yaml" --lr $lr --seeds "${SEEDS:-3}" \
         --eval-batches 32 --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
         --json "$OUT/parity_unit_scaling_lr$lr.json" 2>&1 | tail -8
     done
