@@ -110,8 +110,10 @@ def test_row_int8_gemm_default_config_does_not_spill(fallback: int) -> None:
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    except Exception as exc:  # no NVIDIA backend in this Triton build: skip; anything else is a failure
+        if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("Triton's bundled cuobjdump is missing")
