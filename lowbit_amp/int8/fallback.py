@@ -28,7 +28,7 @@ import torch
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
 from lowbit_amp.quant.granularity import Granularity, amax
 
-__all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "quantize_with_fallback"]
+__all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "main_of", "quantize_with_fallback", "require_b_hp"]
 
 FALLBACK_MODES = ("residual", "hp")
 HP_DTYPE = torch.bfloat16  # the "16-bit product" of hp mode
@@ -74,6 +74,18 @@ class FallbackOperand:
             assert self.hp is not None
             out = torch.where(mask, self.hp.float(), out)
         return out.to(out_dtype)
+
+
+def main_of(a: Int8Blocks | FallbackOperand) -> Int8Blocks:
+    """The INT8 codes and scales of a GEMM operand, with or without fallback."""
+    return a.main if isinstance(a, FallbackOperand) else a
+
+
+def require_b_hp(b_hp: torch.Tensor | None) -> torch.Tensor:
+    """``hp`` fallback multiplies the flagged tiles by the other operand's 16-bit values: they must be given."""
+    if b_hp is None:
+        raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
+    return b_hp
 
 
 def detect_outlier_tiles(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
-from lowbit_amp.int8.fallback import FallbackOperand
+from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp
 from lowbit_amp.int8.row_scaled import is_row_scaled, reference_row_mm_nt, row_mm_chunked
 from lowbit_amp.quant.granularity import Granularity
 
@@ -71,7 +71,7 @@ def reference_block_mm_nt(
     b_hp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-PyTorch block-scaled INT8 GEMM (see the module docstring for the exact arithmetic)."""
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     _check(main, b)
     rows, k_dim = main.q.shape
     cols = b.q.shape[0]
@@ -88,11 +88,9 @@ def reference_block_mm_nt(
         if a.mode == "residual":
             assert a.residual is not None
             sr_inv = _row_scale_inv(a.residual, rows)
-        elif b_hp is None:
-            raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
         else:  # converted once, not per K block (elementwise conversions: the same values, fewer ops)
             assert a.hp is not None
-            a_hp, b_hp = a.hp.float(), b_hp.to(a.hp.dtype).float()
+            a_hp, b_hp = a.hp.float(), require_b_hp(b_hp).to(a.hp.dtype).float()
         for kb in range(n_kb):
             ks = slice(kb * bk, min(k_dim, (kb + 1) * bk))
             if a.mode == "residual":
@@ -122,7 +120,7 @@ def int8_block_mm_nt(
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown INT8 GEMM backend {backend!r}; use one of {list(BACKENDS)}.")
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     if is_row_scaled(main) and is_row_scaled(b):
         if backend != "reference" and main.q.is_cuda:
             from lowbit_amp.kernels.int8_row_gemm import row_kernel_supports, triton_row_mm_nt

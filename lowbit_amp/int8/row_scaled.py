@@ -31,7 +31,14 @@ import torch
 
 from lowbit_amp.formats import INT8
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
-from lowbit_amp.int8.fallback import FALLBACK_MODES, HP_DTYPE, FallbackOperand, detect_outlier_tiles
+from lowbit_amp.int8.fallback import (
+    FALLBACK_MODES,
+    HP_DTYPE,
+    FallbackOperand,
+    detect_outlier_tiles,
+    main_of,
+    require_b_hp,
+)
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
 
@@ -113,7 +120,7 @@ def row_mm_chunked(
     contracts over tokens, and 64 x 4096 tokens is 262,144), the sum in FP32 of ``mm`` over K chunks of
     :data:`CHUNK_K` (whole fallback tiles; the row scales are the same in every chunk), then the bias and the cast.
     ``chunk_k``: for tests."""
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     if not (is_row_scaled(main) and is_row_scaled(b)):
         raise ValueError(f"Row-scaled INT8 GEMM needs row-scaled operands, got blocks {main.block} and {b.block}.")
     chunk = chunk_k or CHUNK_K
@@ -132,7 +139,7 @@ def row_mm_chunked(
 def _k_slice(a: Int8Blocks | FallbackOperand, b: Int8Blocks, b_hp: torch.Tensor | None, start: int,
              end: int) -> tuple[Int8Blocks | FallbackOperand, Int8Blocks, torch.Tensor | None]:
     """Columns ``start:end`` of both operands (views; the row scales are whole-row and shared)."""
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     main_c = Int8Blocks(main.q[:, start:end], main.scale, ROW)
     b_c = Int8Blocks(b.q[:, start:end], b.scale, ROW)
     hp_c = b_hp[:, start:end] if b_hp is not None else None
@@ -158,19 +165,16 @@ def _reference_row_mm(
 ) -> torch.Tensor:
     from lowbit_amp.int8.reference_gemm import int_mm_nt
 
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     if main.q.shape[1] > MAX_K:
         raise ValueError(f"Row-scaled INT8 GEMM: K={main.q.shape[1]} could overflow the INT32 accumulator (max "
                          f"{MAX_K}); call it through row_mm_chunked.")
     out = int_mm_nt(main.q, b.q).float() * main.scale.float().reciprocal()
     sb_inv = b.scale.float().reciprocal().t()
     if isinstance(a, FallbackOperand) and a.mode == "hp":
-        if b_hp is None:
-            raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
         assert a.hp is not None
-        mask = a.element_mask()
-        a_hp = torch.where(mask, a.hp, 0).float()  # bf16 values, FP32 products and sums
-        return _finish(out * sb_inv + a_hp @ b_hp.to(HP_DTYPE).float().t(), bias, out_dtype)
+        a_hp = torch.where(a.element_mask(), a.hp, 0).float()  # bf16 values, FP32 products and sums
+        return _finish(out * sb_inv + a_hp @ require_b_hp(b_hp).to(HP_DTYPE).float().t(), bias, out_dtype)
     if isinstance(a, FallbackOperand):
         assert a.residual is not None
         q2 = a.residual.q.masked_fill(~a.element_mask(), 0)  # the kernel reads flagged tiles only

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
-from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles
+from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles, main_of, require_b_hp
 
 __all__ = ["GemmConfig", "CONFIGS", "fallback_index", "kernel_supports", "triton_block_mm_nt", "triton_quantize_act"]
 
@@ -215,7 +215,7 @@ def triton_next_pow2(n: int) -> int:
 
 def kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple[bool, str]:
     """Whether :func:`triton_block_mm_nt` serves these operands, and if not why."""
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     bk = main.block.cols
     if bk not in _KBLOCKS or b.block.cols != bk:
         return False, f"K block {bk} (a) / {b.block.cols} (b) must be equal and one of {_KBLOCKS}"
@@ -261,7 +261,7 @@ def triton_block_mm_nt(
         cfg = replace(cfg, **over)
         if "block_n" in over and cfg.block_n < 128:
             cfg = replace(cfg, split_n=1)
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     rows, k_dim = main.q.shape
     cols = b.q.shape[0]
     bk = main.block.cols
@@ -281,9 +281,7 @@ def triton_block_mm_nt(
             mode, a2, sa2 = 1, a.residual.q, a.residual.scale.float()
             s_a2, s_sa2 = a2.stride(), sa2.stride()
         else:
-            if b_hp is None:
-                raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
-            mode, a2, b2 = 2, a.hp, b_hp.to(a.hp.dtype)
+            mode, a2, b2 = 2, a.hp, require_b_hp(b_hp).to(a.hp.dtype)
             s_a2, s_b2 = a2.stride(), b2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n

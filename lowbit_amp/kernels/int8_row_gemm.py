@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
-from lowbit_amp.int8.fallback import FallbackOperand
+from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp
 from lowbit_amp.int8.row_scaled import MAX_K, is_row_scaled
 from lowbit_amp.kernels.int8_gemm import TILE_M, _interpreting, _Launcher, _tma_ok, fallback_index
 
@@ -60,7 +60,7 @@ _launch_row_gemm = _Launcher("int8_row_mm_kernel")
 
 
 def row_kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple[bool, str]:
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     if not (is_row_scaled(main) and is_row_scaled(b)):
         return False, f"operands must be row-scaled (blocks {main.block} and {b.block})"
     if isinstance(a, FallbackOperand) and a.tile.rows != TILE_M:
@@ -81,11 +81,11 @@ def triton_row_mm_nt(
     ok, reason = row_kernel_supports(a, b)
     if not ok:
         raise ValueError(f"triton_row_mm_nt: {reason}.")
-    if (a.main if isinstance(a, FallbackOperand) else a).q.shape[1] > MAX_K:
+    if main_of(a).q.shape[1] > MAX_K:
         raise ValueError(f"triton_row_mm_nt: K > {MAX_K} could overflow INT32; call it through "
                          "lowbit_amp.int8.row_scaled.row_mm_chunked.")
     cfg = ROW_CONFIGS[config or DEFAULT_ROW_CONFIG] if not isinstance(config, RowGemmConfig) else config
-    main = a.main if isinstance(a, FallbackOperand) else a
+    main = main_of(a)
     rows, k_dim = main.q.shape
     cols = b.q.shape[0]
     bk = cfg.block_k
@@ -110,10 +110,8 @@ def triton_row_mm_nt(
             assert a.residual is not None
             mode, a2, sa2 = 1, a.residual.q, a.residual.scale.reshape(-1).float()
         else:
-            if b_hp is None:
-                raise ValueError("fallback_mode='hp' needs b_hp, the other operand in 16 bits, for the fallback tiles.")
             assert a.hp is not None
-            mode, a2, b2 = 2, a.hp, b_hp.to(a.hp.dtype)
+            mode, a2, b2 = 2, a.hp, require_b_hp(b_hp).to(a.hp.dtype)
             s_b2 = b2.stride()
         s_a2 = a2.stride()
     bm, bn = TILE_M, cfg.block_n
