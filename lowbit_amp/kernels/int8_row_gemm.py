@@ -63,8 +63,10 @@ def row_kernel_supports(a: Int8Blocks | FallbackOperand, b: Int8Blocks) -> tuple
     main = main_of(a)
     if not (is_row_scaled(main) and is_row_scaled(b)):
         return False, f"operands must be row-scaled (blocks {main.block} and {b.block})"
-    if isinstance(a, FallbackOperand) and a.tile.rows != TILE_M:
-        return False, f"fallback tiles must have {TILE_M} rows (got {a.tile})"
+    if isinstance(a, FallbackOperand) and (a.tile.rows != TILE_M or a.tile.cols != ROW_CONFIGS[DEFAULT_ROW_CONFIG].block_k):
+        # the fallback loop walks the flagged tiles in steps of the configuration's K block (only 128 is GPU-tested)
+        return False, (f"fallback tiles must be {TILE_M}x{ROW_CONFIGS[DEFAULT_ROW_CONFIG].block_k} for the kernel "
+                       f"(got {a.tile})")
     return True, "ok"
 
 

@@ -184,3 +184,15 @@ def test_row_kernel_in_interpreter_matches_reference() -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_row_kernel_serves_only_its_fallback_tile() -> None:
+    """Other fallback tiles (e.g. 128x256) take the reference GEMM on CUDA instead of failing in the kernel launch."""
+    from lowbit_amp.kernels.int8_row_gemm import row_kernel_supports
+
+    x = torch.randn(256, 512)
+    b = quantize_rows(torch.randn(64, 512))
+    assert row_kernel_supports(quantize_rows(x, "128x128", 6.0), b)[0]
+    ok, reason = row_kernel_supports(quantize_rows(x, "128x256", 6.0), b)
+    assert not ok and "128x128" in reason
+    assert not row_kernel_supports(quantize_rows(x, "64x128", 6.0), b)[0]
