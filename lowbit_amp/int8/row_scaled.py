@@ -62,11 +62,14 @@ def quantize_rows(
     mode: str = "residual",
 ) -> Int8Blocks | FallbackOperand:
     """Row-scaled INT8 codes of ``x2d``; with ``tile`` (e.g. ``128x128``) outlier tiles fall back per ``mode``:
-    ``residual`` (above) or ``hp`` (their codes zeroed, their product in bf16 with the other operand's 16-bit values).
+    ``residual`` (the module docstring) or ``hp`` (their codes zeroed, their product in bf16 with the other operand's
+    16-bit values).
 
     Reference implementation (torch ops, any device); the fused Triton quantizer produces the same codes."""
     if x2d.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x2d.shape)}; flatten leading dims first.")
+    if mode not in FALLBACK_MODES:
+        raise ValueError(f"Unknown fallback mode {mode!r}; use one of {list(FALLBACK_MODES)}.")
     if tile is None:
         return quantize_blocks(x2d, ROW, rounding=rounding, generator=generator)
     tile_g = Granularity.parse(tile)
@@ -82,8 +85,6 @@ def quantize_rows(
     scale = compute_scale(row_amax, INT8)
     q = quantize(x2d, scale, INT8, ROW, rounding=rounding, generator=generator)
     main = Int8Blocks(q, scale, ROW)
-    if mode not in FALLBACK_MODES:
-        raise ValueError(f"Unknown fallback mode {mode!r}; use one of {list(FALLBACK_MODES)}.")
     operand = FallbackOperand(main, tile_g, flags, mode)
     if mode == "hp":
         main.q = main.q.masked_fill(operand.element_mask(), 0)
