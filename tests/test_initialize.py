@@ -135,6 +135,28 @@ def test_checkpoint_resume_is_bit_exact() -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("level", ["int8", "configs/int8_row.yaml", "O3"])
+def test_checkpoint_resume_is_bit_exact_at_other_levels(level: str) -> None:
+    """The same resume check for the INT8 layouts (the weight quantization is a cache, rebuilt from the weights; the
+    fallback fraction is a non-persistent monitoring buffer) and for O3's rebuilt optimizer."""
+    model, opt = _init(level, 0)
+    train(model, opt, range(4))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    after = train(model, opt, range(4, 8))
+    fresh, fresh_opt = _init(level, 1)  # a different init: everything must come from the checkpoint
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt.load_state_dict(ckpt["opt"])
+    assert train(fresh, fresh_opt, range(4, 8)) == after
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _init(level: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Net()
+    return amp.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), opt_level=level)
+
+
 def test_bf16_model_trains() -> None:
     torch.manual_seed(0)
     model = Net(torch.bfloat16)
