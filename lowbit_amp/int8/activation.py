@@ -20,7 +20,6 @@ from lowbit_amp.quant.granularity import Granularity
 if TYPE_CHECKING:
     from lowbit_amp.config import Int8Config
 
-_ROW_KBLOCKS = (64, 128, 256)  # the residual block sizes the fused row quantizer serves
 # The row quantizer zeroes hp-mode flagged codes in its own pass (interpreter-equal to the reference, compiled for
 # sm_90); on the GPU that pass runs once tests/int8/test_row_quant_gpu.py has passed there (then set True).
 FUSED_HP_ZEROING = False
@@ -36,10 +35,12 @@ def _triton_serves(x2d: torch.Tensor, act: Granularity, tile: Granularity, round
 
 def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallback: bool, mode: str, rounding: str,
                    generator: torch.Generator | None, backend: str) -> Int8Blocks | FallbackOperand:
-    if (backend != "reference" and x2d.is_cuda and rounding == "nearest" and tile.cols in _ROW_KBLOCKS
-            and tile.rows == 128):  # the fused quantizer's tiles are the GEMM's 128-row M tiles
-        from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
+    if backend != "reference" and x2d.is_cuda and rounding == "nearest":
+        from lowbit_amp.kernels.int8_gemm import TILE_M
+        from lowbit_amp.kernels.int8_row_quant import ROW_QUANT_KBLOCKS, triton_quantize_rows
 
+        if tile.cols not in ROW_QUANT_KBLOCKS or tile.rows != TILE_M:  # its tiles are the GEMM's 128-row M tiles
+            return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode)
         if mode == "hp" and not FUSED_HP_ZEROING:
             op = triton_quantize_rows(x2d, tile.cols, fallback, threshold)  # type: ignore[arg-type]
             if fallback:  # the same row scales and flags; flagged codes zeroed by two torch ops (0.38 ms vs 0.18 ms

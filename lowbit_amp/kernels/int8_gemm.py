@@ -35,6 +35,7 @@ match the reference bit for bit.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -88,10 +89,6 @@ CONFIGS: dict[str, GemmConfig] = {
 DEFAULT_CONFIG = "n256_w8_s3"
 
 
-def _kernels() -> Any:
-    from lowbit_amp.kernels import _int8_triton as k
-
-    return k
 
 
 def _interpreting() -> bool:
@@ -127,8 +124,9 @@ class _Launcher:
 
     MAX_KEYS = 4096
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, module: str = "lowbit_amp.kernels._int8_triton") -> None:
         self.name = name
+        self.module = module  # the @jit file, imported on the first call (importing lowbit_amp never imports Triton)
         self.kernel: Any = None
         self.direct = False
         self.cache: dict = {}
@@ -137,7 +135,7 @@ class _Launcher:
                  **options: Any) -> None:
         kernel = self.kernel
         if kernel is None:
-            kernel = self.kernel = getattr(_kernels(), self.name)
+            kernel = self.kernel = getattr(importlib.import_module(self.module), self.name)
             from triton.runtime.jit import JITFunction
 
             self.direct = isinstance(kernel, JITFunction)  # False under TRITON_INTERPRET=1

@@ -30,7 +30,6 @@ Launch shapes (rows per program, warps) are not tuned: no GPU measurement exists
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -42,30 +41,16 @@ from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["triton_quantize_rows"]
 
-_KBLOCKS = (64, 128, 256)
+ROW_QUANT_KBLOCKS = (64, 128, 256)  # the K blocks (fallback tile widths) this quantizer serves
 _AMAX_ELEMS = 8192  # elements per load in pass 1 (rows x block_k), as the block quantizer's 64 x 128
 _AMAX_CHUNK = 64  # block amaxes per load when the row kernel reduces them to the row scale
 _STAGES = 3  # software-pipeline depth of the row kernel's loops over x (see the kernel's docstring)
 _MIN_PROGRAMS = 512  # the row kernel's rows per program shrink (down to 4) until there are this many programs
 
 
-class _RowQuantLauncher(_Launcher):
-    """:class:`~lowbit_amp.kernels.int8_gemm._Launcher` for kernels of this module's own ``@jit`` file."""
-
-    def __call__(self, grid: tuple[int, ...], tensors: tuple, ints: tuple, constexprs: dict[str, Any],
-                 **options: Any) -> None:
-        if self.kernel is None:
-            from triton.runtime.jit import JITFunction
-
-            from lowbit_amp.kernels import _int8_row_quant_triton as k
-
-            self.kernel = getattr(k, self.name)
-            self.direct = isinstance(self.kernel, JITFunction)  # False under TRITON_INTERPRET=1
-        super().__call__(grid, tensors, ints, constexprs, **options)
-
-
-_launch_block_amax = _RowQuantLauncher("row_block_amax_kernel")
-_launch_row_quantize = _RowQuantLauncher("row_quantize_kernel")
+_KERNELS = "lowbit_amp.kernels._int8_row_quant_triton"
+_launch_block_amax = _Launcher("row_block_amax_kernel", _KERNELS)
+_launch_row_quantize = _Launcher("row_quantize_kernel", _KERNELS)
 
 
 def _rows_per_program(rows: int) -> int:
@@ -91,8 +76,8 @@ def triton_quantize_rows(
 
     ``rows_per_program``: the row kernel's rows per program (a power of two dividing 128; default
     :func:`_rows_per_program`), for tests and tuning."""
-    if block_k not in _KBLOCKS:
-        raise ValueError(f"triton_quantize_rows: block_k={block_k} must be one of {_KBLOCKS}.")
+    if block_k not in ROW_QUANT_KBLOCKS:
+        raise ValueError(f"triton_quantize_rows: block_k={block_k} must be one of {ROW_QUANT_KBLOCKS}.")
     if rows_per_program is not None and (rows_per_program < 1 or TILE_M % rows_per_program):
         raise ValueError(f"triton_quantize_rows: rows_per_program={rows_per_program} must divide {TILE_M}.")
     if x2d.dim() != 2:
