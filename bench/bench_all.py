@@ -366,10 +366,15 @@ def profiled_steps(variant: str, dim: int, heads: int, ffn: int, layers: int, ba
     return prof
 
 
-def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int, variant: str) -> None:
-    """Where the time goes in one lowbit step: top CUDA kernels, written to $OUT/profile_<tag>.txt."""
+def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int, variant: str,
+            by_cpu: bool = False) -> None:
+    """Where the time goes in one lowbit step: top CUDA kernels, written to $OUT/profile_<tag>.txt; with ``by_cpu``
+    also the ops by self CPU time (where host syncs and Python-heavy dispatch show)."""
     prof = profiled_steps(variant, dim, heads, ffn, layers, batch, seq)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    if by_cpu:
+        table += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                      max_name_column_width=70)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"profile_{tag}_{variant}.txt"), "w") as f:
         f.write(table)
@@ -393,12 +398,15 @@ def main(argv: list[str]) -> None:
         elif section == "profile":
             profile("d4096", 4096, 32, 14336, 2, 2, 4096, "lowbit_O1_eager")
             profile("d1024", 1024, 16, 4096, 8, 8, 1024, "lowbit_O1_eager")
+        elif section == "profile_int8":  # the INT8 layouts' anchor step (both tables: GPU kernels and CPU ops)
+            for variant in os.environ.get("PROFILE_VARIANTS", "lowbit_int8row_eager,lowbit_int8_eager").split(","):
+                profile("d4096", 4096, 32, 14336, 2, 2, 4096, variant, by_cpu=True)
         elif section == "profile_compile":  # the compiled O1 step next to compiled bf16 (what the 1.45x target compares)
             profile("d4096", 4096, 32, 14336, 2, 2, 4096, "lowbit_O1_compile")
             profile("d4096", 4096, 32, 14336, 2, 2, 4096, "bf16_compile")
         else:
             raise SystemExit(f"unknown section {section!r}; use cast, linear, e2e_big, e2e_small, profile, "
-                             "profile_compile")
+                             "profile_int8, profile_compile")
 
 
 if __name__ == "__main__":

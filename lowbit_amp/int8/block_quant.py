@@ -69,7 +69,10 @@ def quantize_blocks(
     scale = compute_scale(amax(x2d, gran), INT8)
     # The scale expanded here and passed as a full-size "tensorwise" one: the same products x * scale, fewer ops.
     q = quantize(x2d, expand_blocks(scale, *x2d.shape, gran), INT8, "tensor", rounding=rounding, generator=generator)
-    return Int8Blocks(q, scale, gran)
+    # Row-major codes whatever x2d's strides (elementwise ops keep a transposed view's column-major layout): every INT8
+    # GEMM reads them with TMA, which needs a unit last stride; the row layout's transposed weight came out column-major
+    # and its grad-input GEMM fell back to strided pointer loads (H200 run v, 2026-12-02).
+    return Int8Blocks(q.contiguous(), scale.contiguous(), gran)
 
 
 def dequantize_blocks(blocks: Int8Blocks, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -83,7 +83,7 @@ def quantize_rows(
     clean = torch.where(row_flags, 0.0, block_amax).amax(1, keepdim=True)
     row_amax = torch.where(clean > 0, clean, block_amax.amax(1, keepdim=True))
     scale = compute_scale(row_amax, INT8)
-    q = quantize(x2d, scale, INT8, ROW, rounding=rounding, generator=generator)
+    q = quantize(x2d, scale, INT8, ROW, rounding=rounding, generator=generator).contiguous()  # row-major, as above
     main = Int8Blocks(q, scale, ROW)
     operand = FallbackOperand(main, tile_g, flags, mode)
     if mode == "hp":

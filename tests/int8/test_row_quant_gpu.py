@@ -76,3 +76,17 @@ def test_row_quantizer_special_values_on_gpu() -> None:
     _compare(x, 128, True)
     _compare(x, 128, False)
     _compare(x.t(), 64, True)  # non-contiguous
+
+
+def test_row_weight_quantization_matches_reference_on_gpu() -> None:
+    """The INT8 layer quantizes its row-scaled weight and the weight's transposed view with the fused quantizer: the
+    same codes and scales as the reference, and row-major codes for the GEMM's TMA loads."""
+    from lowbit_amp.config import Int8Config
+    from lowbit_amp.int8.activation import quantize_weight
+    from lowbit_amp.int8.block_quant import quantize_blocks
+
+    w = _data(1000, 1496, True, torch.bfloat16)
+    cfg = Int8Config(act_block="row", weight_block="row")
+    for operand in (w, w.t()):
+        fused, ref = quantize_weight(operand, cfg), quantize_blocks(operand, "row")
+        assert fused.q.is_contiguous() and torch.equal(fused.q, ref.q) and torch.equal(fused.scale, ref.scale)

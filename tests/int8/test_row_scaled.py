@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lowbit_amp.config import ConfigError, Int8Config
+from lowbit_amp.int8.block_quant import quantize_blocks
 from lowbit_amp.int8 import int8_block_mm_nt
 from lowbit_amp.int8.row_scaled import (
     CHUNK_K,
@@ -196,3 +197,16 @@ def test_row_kernel_serves_only_its_fallback_tile() -> None:
     ok, reason = row_kernel_supports(quantize_rows(x, "128x256", 6.0), b)
     assert not ok and "128x128" in reason
     assert not row_kernel_supports(quantize_rows(x, "64x128", 6.0), b)[0]
+
+
+@pytest.mark.parametrize("block", ["row", "128x128", "1x128"])
+def test_codes_are_row_major_for_transposed_inputs(block: str) -> None:
+    """The INT8 GEMMs read codes with TMA (unit last stride): quantizing a transposed view (the row layout's Wᵀ, the
+    weight gradient's xᵀ) must still give row-major codes — elementwise ops alone would keep the view's column-major
+    strides and send the kernel to strided pointer loads."""
+    w = torch.randn(300, 260, dtype=torch.bfloat16)
+    blocks = quantize_blocks(w.t(), block)
+    assert blocks.q.is_contiguous() and blocks.q.shape == (260, 300)
+    torch.testing.assert_close(blocks.dequantize(), w.t().float(), rtol=0.02, atol=0.02 * float(w.abs().max()))
+    fb = quantize_rows(w.t(), "128x128", 6.0)
+    assert fb.main.q.is_contiguous()

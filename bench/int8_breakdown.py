@@ -1,0 +1,140 @@
+"""Where an INT8 layer's time goes inside the anchor step: each GEMM and each quantization, timed with CUDA events.
+
+Why: the profiler's tables say how long the INT8 kernels take in total, not which of the three GEMMs (forward, grad
+input, grad weight) is slow, with which operand shapes, strides and fallback fractions. This script wraps the two
+functions the INT8 autograd Function calls (``quantize_act`` and ``int8_block_mm_nt``) with CUDA events, runs the
+anchor step (4096-wide, 2 blocks, 8192 tokens) for the given variants, and prints one line per (GEMM, shape): mean ms,
+TOPS, fallback fraction of operand ``a``, whether operands are contiguous. GPU only.
+
+    PYTHONPATH=. python bench/int8_breakdown.py [lowbit_int8row_eager lowbit_int8_eager]
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import torch
+
+sys.path.insert(0, "bench")
+import bench_all  # noqa: E402
+
+import lowbit_amp.nn.int8_function as fn  # noqa: E402
+from lowbit_amp.int8.fallback import FallbackOperand, main_of  # noqa: E402
+
+RECORDS: list[tuple] = []
+PHASE = ["fwd"]
+
+
+def _wrap_gemm(orig):  # type: ignore[no-untyped-def]
+    def gemm(a, b, out_dtype, bias=None, b_hp=None, backend="auto"):  # type: ignore[no-untyped-def]
+        main = main_of(a)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = orig(a, b, out_dtype, bias, b_hp, backend)
+        end.record()
+        label = "wgrad" if out_dtype == torch.float32 else ("fwd" if PHASE[0] == "fwd" else "dgrad")
+        frac = a.fraction if isinstance(a, FallbackOperand) else None
+        layout = (main.q.is_contiguous(), b.q.is_contiguous(), b_hp is None or b_hp.is_contiguous())
+        RECORDS.append(("gemm " + label, tuple(main.q.shape), tuple(b.q.shape), layout, frac, start, end))
+        return out
+    return gemm
+
+
+def _wrap_quant(orig):  # type: ignore[no-untyped-def]
+    def quant(x2d, cfg, fallback, rounding="nearest", generator=None, backend="auto"):  # type: ignore[no-untyped-def]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = orig(x2d, cfg, fallback, rounding, generator, backend)
+        end.record()
+        RECORDS.append((f"quant {PHASE[0]}{' fb' if fallback else ''}", tuple(x2d.shape), (), (x2d.is_contiguous(),),
+                        None, start, end))
+        return out
+    return quant
+
+
+def _wrap_weight(orig):  # type: ignore[no-untyped-def]
+    def weight_blocks(layer, weight, transposed):  # type: ignore[no-untyped-def]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = orig(layer, weight, transposed)
+        end.record()
+        RECORDS.append((f"weight{'ᵀ' if transposed else ''} (cached)", tuple(weight.shape), (),
+                        (out.q.is_contiguous(),), None, start, end))
+        return out
+    return weight_blocks
+
+
+def run(variant: str) -> None:
+    torch.manual_seed(0)
+    model, opt, note = bench_all._make_variant(variant, 4096, 32, 14336, 2)
+    x = torch.randn(2, 4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        bench_all.anchor_step(model, opt, x)
+    torch.cuda.synchronize()
+    RECORDS.clear()
+    steps = 3
+    for _ in range(steps):
+        PHASE[0] = "fwd"
+        loss = model(x).float().pow(2).mean()
+        PHASE[0] = "bwd"
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    groups: dict[tuple, list] = collections.defaultdict(list)
+    for label, ashape, bshape, layout, frac, start, end in RECORDS:
+        groups[(label, ashape, bshape, layout)].append((start.elapsed_time(end), None if frac is None else float(frac)))
+    print(f"\n== {variant} ({note}): per step, mean over {steps} steps ==")
+    total = 0.0
+    for (label, ashape, bshape, layout), vals in sorted(groups.items()):
+        ms = sum(v[0] for v in vals) / steps
+        total += ms
+        n = len(vals) // steps
+        fr = [v[1] for v in vals if v[1] is not None]
+        ops = 2 * ashape[0] * ashape[1] * bshape[0] if bshape else 0
+        tops = f"{ops * n / (ms * 1e-3) / 1e12:6.0f} TOPS" if ops else " " * 11
+        frs = f" fallback {sum(fr) / len(fr):.3f}" if fr else ""
+        print(f"  {label:13s} a{str(ashape):15s} b{str(bshape):15s} contig {layout}  x{n}  {ms:7.2f} ms {tops}{frs}")
+    print(f"  total in INT8 quantize + GEMM calls: {total:.2f} ms per step")
+    del model, opt
+    torch.cuda.empty_cache()
+
+
+def host_profile(variant: str, steps: int = 3) -> None:
+    """cProfile of ``steps`` anchor steps (host time: what bounds a step whose enqueue time nears its GPU time)."""
+    import cProfile
+    import pstats
+
+    torch.manual_seed(0)
+    model, opt, _ = bench_all._make_variant(variant, 4096, 32, 14336, 2)
+    x = torch.randn(2, 4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        bench_all.anchor_step(model, opt, x)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        bench_all.anchor_step(model, opt, x)
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"\n== host profile {variant}, {steps} steps ==")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+    del model, opt
+    torch.cuda.empty_cache()
+
+
+def main(variants: list[str]) -> None:
+    if variants and variants[0] == "--host":
+        for v in variants[1:] or ["lowbit_int8row_eager"]:
+            host_profile(v)
+        return
+    fn.int8_block_mm_nt = _wrap_gemm(fn.int8_block_mm_nt)
+    fn.quantize_act = _wrap_quant(fn.quantize_act)
+    fn._weight_blocks = _wrap_weight(fn._weight_blocks)
+    for v in variants or ["lowbit_int8row_eager", "lowbit_int8rowhp_eager", "lowbit_int8_eager"]:
+        run(v)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

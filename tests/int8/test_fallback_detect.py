@@ -1,0 +1,87 @@
+"""The fallback detector's median (a kthvalue, see :func:`lowbit_amp.int8.fallback.detect_outlier_tiles`) and its
+fused Triton kernel (:mod:`lowbit_amp.kernels.outlier_flags`: bisection over bit patterns, checked in Triton's CPU
+interpreter here and on the GPU) flag the same tiles as ``torch.median``'s definition would, ties, zeros, inf and NaN
+included."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lowbit_amp.int8.fallback import detect_outlier_tiles
+
+
+def _by_median(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:
+    median = tile_amax.flatten().median()
+    return (tile_amax > threshold * median) & (median > 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 2), (3, 5), (64, 32), (7, 33)])
+def test_detector_equals_median_rule(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    for trial in range(20):
+        amax = torch.rand(shape, generator=gen).square() * 10
+        if trial % 4 == 1:
+            amax = torch.where(torch.rand(shape, generator=gen) < 0.6, 0.0, amax)  # median often 0
+        if trial % 4 == 2:
+            amax = (amax * 2).round()  # ties around the median
+        if trial % 4 == 3:
+            amax.view(-1)[torch.randint(amax.numel(), (1,), generator=gen)] = float("nan")
+        for threshold in (1.5, 6.0):
+            assert torch.equal(detect_outlier_tiles(amax, threshold), _by_median(amax, threshold))
+
+
+def test_detector_flags_the_injected_tile_only() -> None:
+    amax = torch.ones(8, 8)
+    amax[3, 5] = 50.0
+    flags = detect_outlier_tiles(amax, 6.0)
+    assert flags.sum() == 1 and flags[3, 5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused flags kernel runs on CUDA")
+def test_detector_equals_median_rule_on_gpu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(64, 32), (128, 112), (3, 5), (256, 128), (1, 1)]:
+        for trial in range(10):
+            amax = (torch.rand(shape, generator=gen).square() * 10 * (1 + trial % 2)).round()
+            if trial == 9:
+                amax[0, 0] = float("nan")
+            amax = amax.cuda()
+            assert torch.equal(detect_outlier_tiles(amax, 6.0), _by_median(amax, 6.0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_flags_kernel_in_interpreter_equals_median_rule() -> None:
+    script = textwrap.dedent("""
+        import torch
+        from lowbit_amp.kernels.outlier_flags import triton_outlier_flags
+
+        def ref(a, t):
+            m = a.flatten().median()
+            return (a > t * m) & (m > 0)
+
+        g = torch.Generator().manual_seed(0)
+        for shape in [(1, 1), (1, 2), (2, 2), (3, 5), (64, 32), (7, 33), (128, 112)]:
+            for trial in range(8):
+                a = torch.rand(shape, generator=g).square() * 10
+                if trial % 4 == 1:
+                    a = torch.where(torch.rand(shape, generator=g) < 0.6, 0.0, a)
+                if trial % 4 == 2:
+                    a = (a * 2).round()
+                if trial % 4 == 3:
+                    a.view(-1)[0] = float("nan")
+                if trial == 6:
+                    a.view(-1)[-1] = float("inf")
+                for t in (1.5, 6.0, 5.3):
+                    assert torch.equal(triton_outlier_flags(a, t), ref(a, t)), (shape, trial, t)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
