@@ -250,7 +250,8 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
 
 # "lowbit_<key>_eager": the INT8 layouts (docs/int8.md) in the same anchor step; eager only (the INT8 kernels' launcher
 # is not traceable by torch.compile).
-INT8_LEVELS = {"int8": "int8", "int8row": "configs/int8_row.yaml", "int8rowhp": "bench/configs/int8_row_hp.yaml"}
+INT8_LEVELS = {"int8": "int8", "int8block": "configs/int8_block.yaml", "int8row": "configs/int8_row.yaml",
+               "int8rowhp": "bench/configs/int8_row_hp.yaml"}
 E2E_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_cw_compile",
                 "torchao_tensorwise_compile", "torchao_tensorwise_eager"]
 E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_cw_compile",

@@ -92,17 +92,25 @@ def require_b_hp(b_hp: torch.Tensor | None) -> torch.Tensor:
 def detect_outlier_tiles(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:
     """True for tiles whose amax exceeds ``threshold`` × the median tile amax (never when that median is 0 or NaN).
 
-    The median is the lower middle value, ``kthvalue((n-1)//2 + 1)`` — :func:`torch.median`'s definition — but
-    without ``median``'s NaN rule (kthvalue ranks NaN last), so a NaN anywhere clears every flag explicitly, as a NaN
-    median would. Why not ``median``: on CUDA it is a full sort with ~265 us of host time per call (H200 run v,
-    2026-12-02: 30 calls per anchor step, a fifth of the INT8 step's host time, in a step the host bounds). On CUDA
-    the fused kernel :mod:`lowbit_amp.kernels.outlier_flags` computes the same flags in one launch."""
+    The median is :func:`torch.median`'s: the lower middle value, NaN if any value is NaN. On CPU that is what runs.
+    On CUDA ``median`` is a full sort with ~265 us of host time per call (H200 run v, 2026-12-02: 30 calls per
+    anchor step, in a step its host time bounded), so CUDA takes the fused kernel
+    :mod:`lowbit_amp.kernels.outlier_flags` (one launch), or :func:`_flags_by_selection` beyond its size."""
     if tile_amax.numel() == 0:
         return torch.zeros_like(tile_amax, dtype=torch.bool)
-    if tile_amax.is_cuda and tile_amax.numel() <= _FLAGS_KERNEL_TILES:
-        from lowbit_amp.kernels.outlier_flags import triton_outlier_flags
+    if tile_amax.is_cuda:
+        if tile_amax.numel() <= _FLAGS_KERNEL_TILES:
+            from lowbit_amp.kernels.outlier_flags import triton_outlier_flags
 
-        return triton_outlier_flags(tile_amax, threshold)
+            return triton_outlier_flags(tile_amax, threshold)
+        return _flags_by_selection(tile_amax, threshold)
+    median = tile_amax.flatten().median()
+    return (tile_amax > threshold * median) & (median > 0)
+
+
+def _flags_by_selection(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The same flags with the median as ``kthvalue((n-1)//2 + 1)`` (no sort), NaN's rule made explicit: kthvalue
+    ranks NaN last instead of returning it, so a NaN anywhere clears every flag, as a NaN median would."""
     flat = tile_amax.flatten()
     median = flat.kthvalue((flat.numel() - 1) // 2 + 1).values
     return (tile_amax > threshold * median) & (median > 0) & ~flat.isnan().any()

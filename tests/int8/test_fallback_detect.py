@@ -1,5 +1,5 @@
-"""The fallback detector's median (a kthvalue, see :func:`lowbit_amp.int8.fallback.detect_outlier_tiles`) and its
-fused Triton kernel (:mod:`lowbit_amp.kernels.outlier_flags`: bisection over bit patterns, checked in Triton's CPU
+"""The fallback detector's CUDA paths — a kthvalue selection (:func:`lowbit_amp.int8.fallback._flags_by_selection`)
+and the fused Triton kernel (:mod:`lowbit_amp.kernels.outlier_flags`: bisection over bit patterns, checked in Triton's CPU
 interpreter here and on the GPU) flag the same tiles as ``torch.median``'s definition would, ties, zeros, inf and NaN
 included."""
 
@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from lowbit_amp.int8.fallback import detect_outlier_tiles
+from lowbit_amp.int8.fallback import _flags_by_selection, detect_outlier_tiles
 
 
 def _by_median(tile_amax: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -34,7 +34,7 @@ def test_detector_equals_median_rule(shape: tuple[int, int]) -> None:
         if trial % 4 == 3:
             amax.view(-1)[torch.randint(amax.numel(), (1,), generator=gen)] = float("nan")
         for threshold in (1.5, 6.0):
-            assert torch.equal(detect_outlier_tiles(amax, threshold), _by_median(amax, threshold))
+            assert torch.equal(_flags_by_selection(amax, threshold), _by_median(amax, threshold))
 
 
 def test_detector_flags_the_injected_tile_only() -> None:
@@ -53,7 +53,8 @@ def test_detector_equals_median_rule_on_gpu() -> None:
             if trial == 9:
                 amax[0, 0] = float("nan")
             amax = amax.cuda()
-            assert torch.equal(detect_outlier_tiles(amax, 6.0), _by_median(amax, 6.0))
+            assert torch.equal(detect_outlier_tiles(amax, 6.0), _by_median(amax, 6.0))  # the kernel
+            assert torch.equal(_flags_by_selection(amax, 6.0), _by_median(amax, 6.0))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

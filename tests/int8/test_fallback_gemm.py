@@ -101,7 +101,7 @@ def test_config_validation_names_the_fix() -> None:
     with pytest.raises(ConfigError, match="share the K block"):
         Int8Config(act_block="1x64", weight_block="128x128")
     with pytest.raises(ConfigError, match="fallback_block"):
-        Int8Config(fallback_block="128x64")
+        Int8Config(act_block="1x128", weight_block="128x128", fallback_block="128x64")
     with pytest.raises(ConfigError, match="fallback_threshold"):
         Int8Config(fallback_threshold=0.5)
     with pytest.raises(ConfigError, match="not one of"):

@@ -127,7 +127,7 @@ def test_long_contraction_runs_in_chunks(mode: str, gen: torch.Generator) -> Non
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"act_block": "row"}, "both operands must be row-scaled"),
+    ({"act_block": "row", "weight_block": "128x128"}, "both operands must be row-scaled"),
     ({"act_block": "1x128", "weight_block": "row"}, "both operands must be row-scaled"),
     ({"act_block": "row", "weight_block": "row", "fallback_threshold": 0.5}, "must be > 1"),
 ])

@@ -37,7 +37,7 @@ def test_swiglu_down_projection_outliers_need_fallback(layout: str, floors: dict
         cols = tj * 128 + (torch.arange(128) * (7 + ti)) % 128
         h[ti * 128 + torch.arange(128), cols] *= 500.0
     ref = h.double() @ w_down.double().t()
-    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {}
+    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {"act_block": "1x128", "weight_block": "128x128"}
     errors = {}
     for name, kwargs in {"off": {"fallback": False}, "hp": {"fallback_mode": "hp"},
                          "residual": {"fallback_mode": "residual"}}.items():
@@ -62,7 +62,7 @@ def test_int8_linear_forward_backward_vs_float64(lead: tuple[int, ...], mode: st
     b = torch.randn(out_f, generator=gen)
     x = torch.randn(*lead, in_f, generator=gen)
     dy = torch.randn(*lead, out_f, generator=gen)
-    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {}
+    blocks = {"act_block": "row", "weight_block": "row"} if layout == "row" else {"act_block": "1x128", "weight_block": "128x128"}
     layer = _layer(w, b, fallback_mode=mode, stochastic_grad=stochastic, **blocks)
     xi = x.clone().requires_grad_(True)
     y = layer(xi)
