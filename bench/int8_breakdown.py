@@ -7,20 +7,23 @@ anchor step (4096-wide, 2 blocks, 8192 tokens) for the given variants, and print
 TOPS, fallback fraction of operand ``a``, whether operands are contiguous. GPU only.
 
     PYTHONPATH=. python bench/int8_breakdown.py [lowbit_int8row_eager lowbit_int8_eager]
+    PYTHONPATH=. python bench/int8_breakdown.py --host [variant]   # cProfile of the step's host time
+    PYTHONPATH=. python bench/int8_breakdown.py --quant            # the row quantizer on transposed views
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 
 import torch
 
 sys.path.insert(0, "bench")
-import bench_all  # noqa: E402
+import bench_all
 
-import lowbit_amp.nn.int8_function as fn  # noqa: E402
-from lowbit_amp.int8.fallback import FallbackOperand, main_of  # noqa: E402
+import lowbit_amp.nn.int8_function as fn
+from lowbit_amp.int8.fallback import FallbackOperand, main_of
 
 RECORDS: list[tuple] = []
 PHASE = ["fwd"]
@@ -95,7 +98,7 @@ def run(variant: str) -> None:
         ops = 2 * ashape[0] * ashape[1] * bshape[0] if bshape else 0
         tops = f"{ops * n / (ms * 1e-3) / 1e12:6.0f} TOPS" if ops else " " * 11
         frs = f" fallback {sum(fr) / len(fr):.3f}" if fr else ""
-        print(f"  {label:13s} a{str(ashape):15s} b{str(bshape):15s} contig {layout}  x{n}  {ms:7.2f} ms {tops}{frs}")
+        print(f"  {label:13s} a{ashape!s:15s} b{bshape!s:15s} contig {layout}  x{n}  {ms:7.2f} ms {tops}{frs}")
     print(f"  total in INT8 quantize + GEMM calls: {total:.2f} ms per step")
     del model, opt
     torch.cuda.empty_cache()
@@ -124,7 +127,52 @@ def host_profile(variant: str, steps: int = 3) -> None:
     torch.cuda.empty_cache()
 
 
+def _ms(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def quant_sweep() -> None:
+    """The row quantizer on the weight gradient's transposed operands (xᵀ, dyᵀ: views of row-major activations),
+    with the default rows per program and with 64 / 128 (a stride-1 row dim: more rows per program make each load
+    longer contiguous runs), and copy-then-quantize; the contiguous tensor next to it as the bound. What decides
+    ``_rows_per_program`` for transposed inputs (docs/int8.md, "End to end")."""
+    from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
+
+    print("\n== row quantizer on transposed views (ms) ==")
+    for tokens, feat in [(8192, 4096), (8192, 14336)]:
+        x = torch.randn(tokens, feat, device="cuda", dtype=torch.bfloat16)
+        x[::97, ::13] *= 40.0  # some outlier tiles
+        xt = x.t()
+        for fallback in (False, True):
+            def quant(src, rb=None, fb=fallback):  # type: ignore[no-untyped-def]
+                return triton_quantize_rows(src, 128, fb, 6.0, rows_per_program=rb)
+
+            row = {"contiguous x": _ms(functools.partial(quant, x)),
+                   "xᵀ default": _ms(functools.partial(quant, xt)),
+                   "xᵀ copy+quant": _ms(lambda src=xt: quant(src.contiguous()))}
+            for rb in (64, 128):
+                row[f"xᵀ rb={rb}"] = _ms(functools.partial(quant, xt, rb))
+            def codes(op, fb=fallback):  # type: ignore[no-untyped-def]
+                return op.main.q if fb else op.q
+
+            ref = codes(quant(xt))
+            same = all(torch.equal(codes(quant(xt, rb)), ref) for rb in (64, 128))
+            cells = "  ".join(f"{k} {v:.3f}" for k, v in row.items())
+            print(f"  {feat}x{tokens} (xᵀ of {tokens}x{feat}) fallback={fallback}: {cells}  codes equal: {same}")
+
+
 def main(variants: list[str]) -> None:
+    if variants and variants[0] == "--quant":
+        quant_sweep()
+        return
     if variants and variants[0] == "--host":
         for v in variants[1:] or ["lowbit_int8row_eager"]:
             host_profile(v)

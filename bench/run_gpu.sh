@@ -12,7 +12,7 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh int8e2e  # START HERE next session: INT8 layouts in the anchor step + pending row-INT8 GPU tests
+#   bash bench/run_gpu.sh int8quant  # START HERE next session: the row quantizer on transposed views (rows per program)
 #   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling at lr 1.5e-3
 #   bash bench/run_gpu.sh next_parity3 # and unit scaling at lr 6e-3 and 2.4e-2, each next to O0 (issue 7)
 #   bash bench/run_gpu.sh next     # all GPU tests (ran 2026-12-01 run r: 318 passed), seed-3 probe (DIAGNOSE=1: fused-Adam modes)
@@ -162,8 +162,18 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  int8quant)
+    # START HERE next session (written 2026-12-02): the row quantizer on the weight gradient's transposed operands
+    # with more rows per program (64/128: longer contiguous runs per load) vs the default and copy-then-quantize
+    # (bench/int8_breakdown.py --quant); if rb=64/128 wins, make _rows_per_program pick it for stride-1 rows (the
+    # strided quantizations are ~8 of the INT8 anchor step's ~14 ms of quantizer time, docs/int8.md "End to end"),
+    # then re-measure the anchor step. ~3 min.
+    timeout 150 python bench/int8_breakdown.py --quant 2>&1 | tail -8
+    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8_eager \
+      timeout 150 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -5
+    ;;
   int8e2e)
-    # START HERE next session (written 2026-12-02 after the device time): first the GPU tests of what was written
+    # (run u, 2026-12-02; kept for reference)  (written 2026-12-02 after the device time): first the GPU tests of what was written
     # without device time (K chunks, strided fallback operands in both INT8 kernels, the fused hp zeroing — if
     # test_row_quant_gpu.py passes, set lowbit_amp/int8/activation.py FUSED_HP_ZEROING = True), then the INT8 layouts'
     # end-to-end anchor step (4096-wide, 8192 tokens, AdamW, eager) next to bf16 and O1 in one process — what decides

@@ -13,7 +13,7 @@ def outlier_flags_kernel(amax_ptr, flags_ptr, n, k, THRESHOLD: tl.constexpr, BLO
     offs = tl.arange(0, BLOCK)
     inside = offs < n
     v = tl.load(amax_ptr + offs, mask=inside, other=0.0)
-    has_nan = tl.max((v != v).to(tl.int32), axis=0)
+    has_nan = tl.max((v != v).to(tl.int32), axis=0)  # noqa: PLR0124 - True for NaN only
     bits = tl.where(v == 0.0, 0, v.to(tl.int32, bitcast=True))  # -0.0 counts as 0.0
     bits = tl.where(inside, bits, 0x7FFFFFFF)  # padding ranks above everything, NaN included
     lo = tl.zeros((), tl.int32)
