@@ -68,13 +68,19 @@ def _wrap_weight(orig):  # type: ignore[no-untyped-def]
     return weight_blocks
 
 
-def run(variant: str) -> None:
+def _warm_anchor(variant: str):  # type: ignore[no-untyped-def]
+    """The 4096-wide anchor model of ``variant`` with its input, after three warm-up steps."""
     torch.manual_seed(0)
     model, opt, note = bench_all._make_variant(variant, 4096, 32, 14336, 2)
     x = torch.randn(2, 4096, 4096, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         bench_all.anchor_step(model, opt, x)
     torch.cuda.synchronize()
+    return model, opt, note, x
+
+
+def run(variant: str) -> None:
+    model, opt, note, x = _warm_anchor(variant)
     RECORDS.clear()
     steps = 3
     for _ in range(steps):
@@ -109,12 +115,7 @@ def host_profile(variant: str, steps: int = 3) -> None:
     import cProfile
     import pstats
 
-    torch.manual_seed(0)
-    model, opt, _ = bench_all._make_variant(variant, 4096, 32, 14336, 2)
-    x = torch.randn(2, 4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        bench_all.anchor_step(model, opt, x)
-    torch.cuda.synchronize()
+    model, opt, _, x = _warm_anchor(variant)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
