@@ -9,6 +9,7 @@ shares); ``BK`` is the MMA's K step and the fallback tile's width. Configuration
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +54,23 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),  # run q: residual 0.560 / 1.092
     "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),  # pointer stores: run q 0.554 / 1.063 residual
     "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),  # 0.490 / 0.924, 0.557 / 1.072, 0.593 / 1.152
+    # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
+    # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
+    # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
+    "r128_w8_s3_split_ptr": RowGemmConfig(128, 2, 8, 3, use_tma=False),
 }
 DEFAULT_ROW_CONFIG = "r256_w8_s3"
+PRE_HOPPER_ROW_CONFIG = "r128_w8_s3_split_ptr"
+
+
+def default_row_config(device: torch.device) -> str:
+    """The configuration for ``device``: Hopper's (wgmma + TMA) from sm_90 on, the spill-free pointer one before."""
+    return _default_for(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _default_for(index: int) -> str:
+    return DEFAULT_ROW_CONFIG if torch.cuda.get_device_capability(index) >= (9, 0) else PRE_HOPPER_ROW_CONFIG
 
 _launch_row_gemm = _Launcher("int8_row_mm_kernel")
 
@@ -86,8 +102,11 @@ def triton_row_mm_nt(
     if main_of(a).q.shape[1] > MAX_K:
         raise ValueError(f"triton_row_mm_nt: K > {MAX_K} could overflow INT32; call it through "
                          "lowbit_amp.int8.row_scaled.row_mm_chunked.")
-    cfg = ROW_CONFIGS[config or DEFAULT_ROW_CONFIG] if not isinstance(config, RowGemmConfig) else config
     main = main_of(a)
+    if isinstance(config, RowGemmConfig):
+        cfg = config
+    else:
+        cfg = ROW_CONFIGS[config or (default_row_config(main.q.device) if main.q.is_cuda else DEFAULT_ROW_CONFIG)]
     rows, k_dim = main.q.shape
     cols = b.q.shape[0]
     bk = cfg.block_k

@@ -144,3 +144,53 @@ def test_outlier_flags_kernel_compiles_for_sm90(block: int) -> None:
             pytest.skip(f"cannot compile for sm_90 here: {exc}")
         raise
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize("capability", [80, 86])
+def test_row_int8_gemm_pre_hopper_config_compiles_without_spills(capability: int) -> None:
+    """INT8 exists for GPUs without FP8 (A100: sm_80, RTX 30xx: sm_86): there the row GEMM takes its pre-Hopper
+    configuration (pointer loads, 128x128 tile in two halves), which must compile to INT8 ``mma.sync`` for every
+    fallback mode. The Hopper default spills 3.4 KB per thread on sm_80; this one keeps <= 8 B (Triton 3.6's ptxas).
+    Triton 3.8's ptxas (run with ``--regAllocOptLevel=2``) reports large stacks for every INT8 GEMM shape on sm_80,
+    even a 20-line matmul, so the spill bound is checked under Triton 3.6 only (the version torch 2.11 ships)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit_amp.kernels import _int8_triton as k
+    from lowbit_amp.kernels.int8_row_gemm import PRE_HOPPER_ROW_CONFIG, ROW_CONFIGS
+
+    cfg = ROW_CONFIGS[PRE_HOPPER_ROW_CONFIG]
+    assert not cfg.use_tma
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for fallback in (0, 1, 2):
+        sig = {name: "i32" for name in k.int8_row_mm_kernel.arg_names}
+        sig.update({"a_src": "*i8", "b_src": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                    "bias_ptr": "*fp32", "a2_src": "*bf16" if fallback == 2 else "*i8", "sa2_ptr": "*fp32",
+                    "b2_src": "*bf16", "fb_idx_ptr": "*i32", "fb_cnt_ptr": "*i32"})
+        constexprs = {"FALLBACK": fallback, "HAS_BIAS": False, "EVEN": True, "N_KB": 32, "DYNAMIC_FB": True,
+                      "BM": 128, "BN": cfg.block_n, "BK": cfg.block_k, "SPLIT_N": cfg.split_n, "GROUP_M": cfg.group_m,
+                      "USE_TMA": False, "FB_STAGES": cfg.num_stages if fallback == 1 else 2, "C_TMA": False,
+                      "FB_TMA": False}
+        sig.update({name: "constexpr" for name in constexprs})
+        src = ASTSource(fn=k.int8_row_mm_kernel, signature=sig, constexprs=constexprs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        except Exception as exc:  # no NVIDIA backend in this Triton build: skip; anything else is a failure
+            if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
+                pytest.skip(f"cannot compile for sm_{capability} here: {exc}")
+            raise
+        assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in compiled.asm["ptx"]
+        if not triton.__version__.startswith("3.6") or not os.path.exists(tool):
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+            handle.write(compiled.asm["cubin"])
+            handle.flush()
+            usage = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True,
+                                   check=True).stdout
+        stack = int(usage.split("STACK:")[1].split()[0])
+        assert stack <= 8, (fallback, usage)
