@@ -31,8 +31,8 @@ from lowbit_amp.quant.granularity import Granularity, amax
 __all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "main_of", "quantize_with_fallback", "require_b_hp"]
 
 FALLBACK_MODES = ("residual", "hp")
-HP_DTYPE = torch.bfloat16
-_FLAGS_KERNEL_TILES = 32768  # = lowbit_amp.kernels.outlier_flags.MAX_TILES (not imported: it would import the kernels)  # the "16-bit product" of hp mode
+HP_DTYPE = torch.bfloat16  # the "16-bit product" of hp mode
+_FLAGS_KERNEL_TILES = 32768  # = lowbit_amp.kernels.outlier_flags.MAX_TILES (a test keeps them equal)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from lowbit_amp.kernels.int8_gemm import _Launcher
 
 __all__ = ["MAX_TILES", "triton_outlier_flags"]
 
-MAX_TILES = 32768  # one program holds them all (a 32768x16384 operand in 128x128 tiles); larger: the reference
+MAX_TILES = 32768  # one program holds them all (a 32768x16384 operand in 128x128 tiles); larger: a kthvalue
 _launch_flags = _Launcher("outlier_flags_kernel", "lowbit_amp.kernels._outlier_flags_triton")
 
 
@@ -26,7 +26,8 @@ def triton_outlier_flags(tile_amax: torch.Tensor, threshold: float) -> torch.Ten
     """Bool flags, shape of ``tile_amax``: amax > ``threshold`` × lower median (none if that median is 0 or NaN)."""
     n = tile_amax.numel()
     if not 0 < n <= MAX_TILES:
-        raise ValueError(f"triton_outlier_flags: {n} tiles; the kernel takes 1..{MAX_TILES} (use the reference).")
+        raise ValueError(f"triton_outlier_flags: {n} tiles; the kernel takes 1..{MAX_TILES} "
+                         "(use lowbit_amp.int8.fallback.detect_outlier_tiles).")
     amax = tile_amax.contiguous().float()
     flags = torch.empty(tile_amax.shape, dtype=torch.bool, device=tile_amax.device)
     block = max(16, 1 << (n - 1).bit_length())

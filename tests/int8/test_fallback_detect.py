@@ -86,3 +86,12 @@ def test_flags_kernel_in_interpreter_equals_median_rule() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_kernel_size_limit_is_the_dispatch_limit() -> None:
+    from lowbit_amp.int8 import fallback
+    from lowbit_amp.kernels.outlier_flags import MAX_TILES, triton_outlier_flags
+
+    assert fallback._FLAGS_KERNEL_TILES == MAX_TILES
+    with pytest.raises(ValueError, match="detect_outlier_tiles"):
+        triton_outlier_flags(torch.zeros(MAX_TILES + 1), 6.0)
