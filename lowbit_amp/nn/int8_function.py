@@ -9,12 +9,13 @@ For ``y = x·Wᵀ + b`` with ``x (M, K)`` (leading dims flattened), ``W (N, K)``
     grad_weight   dWᵀ = xᵀ · (dyᵀ)ᵀ       xᵀ   1x128 along tokens, fallback        dyᵀ  1x128 along tokens, SR if asked
 
 With the row layout (``act_block``/``weight_block`` ``"row"``, the ``int8`` preset) each of these operands has one scale
-per row instead, over the same contraction dims. The weight gradient is computed transposed so that the input activation — where SwiGLU outliers live — is operand ``a``
-and gets the fallback. Blocks run along each GEMM's contraction dim, which differs between GEMMs, so forward saves the
-high-precision input and backward re-quantizes the re-oriented operands just in time (as the FP8 path does for block
-granularities). Square weight blocks transpose for free. The weight gradient comes out in the weight's dtype (FP32 at
-O2+, where it is encoded to FP8) and goes to ``layer._weight_grad_output``. ``layer.fallback_fraction`` holds the
-fraction of the forward input's tiles that fell back in the last forward (a device tensor, updated without a host sync).
+per row instead, over the same contraction dims. The weight gradient is computed transposed so that the input activation
+— where SwiGLU outliers live — is operand ``a`` and gets the fallback. Blocks run along each GEMM's contraction dim,
+which differs between GEMMs, so forward saves the high-precision input and backward re-quantizes the re-oriented
+operands just in time (as the FP8 path does for block granularities). Square weight blocks transpose for free. The
+weight gradient comes out in the weight's dtype (FP32 at O2+, where it is encoded to FP8) and goes to
+``layer._weight_grad_output``. ``layer.fallback_fraction`` holds the fraction of the forward input's tiles that fell
+back in the last forward (a device tensor, updated without a host sync).
 """
 
 from __future__ import annotations
