@@ -191,46 +191,6 @@ case "${1:-checks}" in
     timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_triton_gpu.py -k strided 2>&1 | tail -2
     timeout 200 python bench/bench_all.py profile_int8 2>&1 | grep -v "^{" | tail -60
     ;;
-  int8e2e2)
-    # After run v's profile: the row layout's Wᵀ codes were column-major (grad-input GEMM without TMA). Per-GEMM
-    # breakdown of the INT8 step (bench/int8_breakdown.py), then the anchor step again next to bf16 and O1. ~5 min.
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_triton_gpu.py -k strided 2>&1 | tail -2
-    timeout 150 python bench/int8_breakdown.py 2>&1 | tail -45
-    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
-      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -8
-    ;;
-  int8e2e3)
-    # After run w: the row layout's weights quantized by the fused row quantizer, dW in the weight's dtype. ~4 min.
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py -k weight 2>&1 | tail -2
-    timeout 150 python bench/int8_breakdown.py lowbit_int8row_eager lowbit_int8rowhp_eager > "$OUT/int8_breakdown.txt" 2>&1
-    grep "total\|==\|gemm" "$OUT/int8_breakdown.txt"
-    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
-      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -7
-    ;;
-  int8e2e4)
-    # After run x: kthvalue instead of median's sort in the fallback detector, transposed views copied row-major
-    # before the row quantizer; the host profile (the INT8 step's enqueue time was 38 of its 47 ms). ~3 min.
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_fallback_detect.py tests/int8/test_row_quant_gpu.py 2>&1 | tail -2
-    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
-      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -7
-    timeout 100 python bench/int8_breakdown.py --host lowbit_int8row_eager > "$OUT/int8_host_profile.txt" 2>&1
-    head -60 "$OUT/int8_host_profile.txt" | cut -c1-160
-    ;;
-  int8e2e5)
-    # After run y: kthvalue's GPU cost replaced by a one-launch fused median+flags kernel. Then SR parity. ~7 min.
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_fallback_detect.py tests/int8/test_row_quant_gpu.py \
-      tests/int8/test_row_scaled_gpu.py -k "detect or quant or chunks or strided or r256_w8_s4-shape" 2>&1 | tail -2
-    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager,lowbit_int8_eager \
-      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -8
-    timeout 240 python -m lowbit_amp --levels "O0,O2,bench/configs/O2_sr.yaml" --seeds 3 --eval-batches 32 \
-      --device cuda --n-layer 6 --n-embd 512 --n-head 8 --steps 300 --batch-size 32 --quiet \
-      --json "$OUT/parity_sr.json" 2>&1 | tail -14
-    ;;
-  int8e2e6)
-    # After run z: the transposing copies before the row quantizer reverted (they cost more than they saved). ~2 min.
-    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8row_eager,lowbit_int8rowhp_eager \
-      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -7
-    ;;
   next_parity2)
     # The stochastic-rounding recipe's GPU parity (issue 7): O2 with SR on the E5M2 output-gradient casts and the FP8
     # weight-gradient encode vs O2 and O0, 3 seeds of the 6x512 tiny GPT. (Enhanced loss scaling is for fp16 models; the

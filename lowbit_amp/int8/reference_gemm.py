@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
 from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp
-from lowbit_amp.int8.row_scaled import is_row_scaled, reference_row_mm_nt, row_mm_chunked
+from lowbit_amp.int8.row_scaled import finish_gemm, is_row_scaled, reference_row_mm_nt, row_mm_chunked
 from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["int8_block_mm_nt", "int_mm_nt"]
@@ -98,9 +98,7 @@ def reference_block_mm_nt(
             else:
                 part = a_hp[:, ks] @ b_hp[:, ks].t()  # bf16 products, fp32 sums
             out += torch.where(row_flags[:, kb, None], part, 0.0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(out_dtype)
+    return finish_gemm(out, bias, out_dtype)
 
 
 def int8_block_mm_nt(

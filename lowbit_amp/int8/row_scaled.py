@@ -134,7 +134,7 @@ def row_mm_chunked(
         part = mm(a_c, b_c, torch.float32, None, hp_c)
         out = part if out is None else out.add_(part)
     assert out is not None
-    return _finish(out, bias, out_dtype)
+    return finish_gemm(out, bias, out_dtype)
 
 
 def _k_slice(a: Int8Blocks | FallbackOperand, b: Int8Blocks, b_hp: torch.Tensor | None, start: int,
@@ -175,15 +175,16 @@ def _reference_row_mm(
     if isinstance(a, FallbackOperand) and a.mode == "hp":
         assert a.hp is not None
         a_hp = torch.where(a.element_mask(), a.hp, 0).float()  # bf16 values, FP32 products and sums
-        return _finish(out * sb_inv + a_hp @ require_b_hp(b_hp).to(HP_DTYPE).float().t(), bias, out_dtype)
+        return finish_gemm(out * sb_inv + a_hp @ require_b_hp(b_hp).to(HP_DTYPE).float().t(), bias, out_dtype)
     if isinstance(a, FallbackOperand):
         assert a.residual is not None
         q2 = a.residual.q.masked_fill(~a.element_mask(), 0)  # the kernel reads flagged tiles only
         out += int_mm_nt(q2, b.q).float() * a.residual.scale.float().reciprocal()
-    return _finish(out * sb_inv, bias, out_dtype)
+    return finish_gemm(out * sb_inv, bias, out_dtype)
 
 
-def _finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def finish_gemm(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The INT8 GEMMs' last step (both layouts' references): the bias added in FP32 to the FP32 result, then the cast."""
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype)
