@@ -184,7 +184,7 @@ def _reference_row_mm(
 
 
 def finish_gemm(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The INT8 GEMMs' last step (both layouts' references): the bias added in FP32 to the FP32 result, then the cast."""
+    """The INT8 GEMMs' last step (both layouts' references): the bias added in FP32 to the FP32 result, the cast."""
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype)
