@@ -385,6 +385,14 @@ def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, s
 
 def main(argv: list[str]) -> None:
     META.update(_versions())
+    row_config = os.environ.get("INT8_ROW_CONFIG")  # A/B of the INT8 row GEMM's kernel configurations end to end
+    if row_config:
+        from lowbit_amp.kernels import int8_row_gemm
+
+        if row_config not in int8_row_gemm.ROW_CONFIGS:
+            raise SystemExit(f"INT8_ROW_CONFIG={row_config!r}: not one of {sorted(int8_row_gemm.ROW_CONFIGS)}")
+        int8_row_gemm.DEFAULT_ROW_CONFIG = row_config
+        META["int8_row_config"] = row_config
     print(json.dumps(META))
     what = argv or ["cast", "linear", "e2e_big", "e2e_small"]
     for section in what:

@@ -162,6 +162,17 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17a)
+    # Session 17's first call (2026-12-02): the row GEMM with one 128x256 MMA per K step and a split epilogue
+    # (r256_w8_s*_1mma; GPU test first), timed next to the default and r256_w8_s4_one; the quantizer sweep on
+    # transposed views; the anchor step with the best-guess 1mma config. ~8 min.
+    timeout 90 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py -k "1mma or r256_w8_s4-" 2>&1 | tail -3
+    timeout 170 python bench/bench_int8.py --configs none --row r256_w8_s3,r256_w8_s4_one,r256_w8_s3_1mma,r256_w8_s4_1mma \
+      --out "$OUT" 2>&1 | tail -22
+    timeout 110 python bench/int8_breakdown.py --quant 2>&1 | tail -8
+    INT8_ROW_CONFIG=r256_w8_s4_1mma BENCH_VARIANTS=bf16_eager,lowbit_int8_eager \
+      timeout 110 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -4
+    ;;
   int8quant)
     # START HERE next session (written 2026-12-02): the row quantizer on the weight gradient's transposed operands
     # with more rows per program (64/128: longer contiguous runs per load) vs the default and copy-then-quantize

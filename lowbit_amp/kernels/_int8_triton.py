@@ -400,8 +400,9 @@ def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, 
     else:
         out = acc.to(tl.float32) * sa_inv[:, None]
         if FALLBACK == 1:
-            out = _row_fallback_half(out, a2_src, b_src, sa2_ptr, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m,
-                                     off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_fb,
+            # b2_src: b's codes again, as a BNS-row descriptor (the main loop's may load BN rows at once)
+            out = _row_fallback_half(out, a2_src, b2_src, sa2_ptr, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m,
+                                     off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb,
                                      N_KB, BK, USE_TMA, EVEN, DYNAMIC_FB, FB_STAGES, FB_TMA)
         # b's scales loaded only now: loaded before the fallback loop they stayed live through it and made the
         # residual variant spill (ptxas sm_90: 144 B of stack)
@@ -430,7 +431,7 @@ def int8_row_mm_kernel(
     FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
     DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FB_STAGES: tl.constexpr, C_TMA: tl.constexpr,
-    FB_TMA: tl.constexpr,
+    FB_TMA: tl.constexpr, ONE_MMA: tl.constexpr,
 ):
     """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
     promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
@@ -450,16 +451,26 @@ def int8_row_mm_kernel(
     m_ok = offs_m < M
     n0_ok = offs_n0 < N
     n1_ok = offs_n1 < N
-    acc0 = tl.zeros((BM, BNS), dtype=tl.int32)
-    acc1 = tl.zeros((BM, BNS), dtype=tl.int32)  # SPLIT_N == 2 only; dead code otherwise
-    for kt in range(0, N_KB):  # N_KB constexpr: one compile per K (Triton's interpreter needs it)
-        k0 = kt * BK
-        a = _load_tile(a_src, off_m, k0, offs_m, m_ok, K, s_am, s_ak, BK, USE_TMA, EVEN)
-        b0 = _load_tile(b_src, off_n0, k0, offs_n0, n0_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
-        acc0 = tl.dot(a, b0.T, acc0, out_dtype=tl.int32)
-        if SPLIT_N == 2:
-            b1 = _load_tile(b_src, off_n1, k0, offs_n1, n1_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
-            acc1 = tl.dot(a, b1.T, acc1, out_dtype=tl.int32)
+    if ONE_MMA:  # one BM x BN MMA per K step, the accumulator split in two only for the epilogue (SPLIT_N == 2)
+        offs_n = off_n0 + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for kt in range(0, N_KB):
+            k0 = kt * BK
+            a = _load_tile(a_src, off_m, k0, offs_m, m_ok, K, s_am, s_ak, BK, USE_TMA, EVEN)
+            b = _load_tile(b_src, off_n0, k0, offs_n, offs_n < N, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BNS)), (0, 2, 1)))
+    else:
+        acc0 = tl.zeros((BM, BNS), dtype=tl.int32)
+        acc1 = tl.zeros((BM, BNS), dtype=tl.int32)  # SPLIT_N == 2 only; dead code otherwise
+        for kt in range(0, N_KB):  # N_KB constexpr: one compile per K (Triton's interpreter needs it)
+            k0 = kt * BK
+            a = _load_tile(a_src, off_m, k0, offs_m, m_ok, K, s_am, s_ak, BK, USE_TMA, EVEN)
+            b0 = _load_tile(b_src, off_n0, k0, offs_n0, n0_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+            acc0 = tl.dot(a, b0.T, acc0, out_dtype=tl.int32)
+            if SPLIT_N == 2:
+                b1 = _load_tile(b_src, off_n1, k0, offs_n1, n1_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
+                acc1 = tl.dot(a, b1.T, acc1, out_dtype=tl.int32)
     sa_inv = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_ptr + offs_m, mask=m_ok, other=1.0))
     _row_epilogue(acc0, sa_inv, c_ptr, bias_ptr, a2_src, b_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr, pid_m,
                   off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_bn, s_bk, s_b2n, s_b2k, s_cm, s_cn,

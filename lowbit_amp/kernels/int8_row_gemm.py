@@ -27,7 +27,7 @@ __all__ = ["ROW_CONFIGS", "RowGemmConfig", "row_kernel_supports", "triton_row_mm
 @dataclass(frozen=True)
 class RowGemmConfig:
     block_n: int = 256
-    split_n: int = 2  # the N tile as 2 MMAs of block_n/2 (two INT32 accumulators; one spilled with residual fallback)
+    split_n: int = 2  # the epilogue in 2 halves of block_n/2 (one extra accumulator live in the fallback loop)
     num_warps: int = 8
     num_stages: int = 3
     group_m: int = 8
@@ -37,6 +37,9 @@ class RowGemmConfig:
     # 0.593 / 1.152 ms at depth 2 vs 0.630 / 1.208 at depth 1; residual 1.072 ms at 8192^3 at depth 2 vs 1.007 at 3)
     fb_stages: int | None = None
     tma_store: bool = True  # the output through a TMA descriptor where it allows (see _int8_triton._store_tile)
+    # split_n == 2: the main loop as one block_n-wide MMA whose accumulator is split for the epilogue (True), or as
+    # two block_n/2 MMAs (False)
+    one_mma: bool = False
 
 
 # ms at 16384x4096x4096 / 8192^3 with 5.4% of tiles falling back (H200, run s; run q in parentheses where it ran):
@@ -54,6 +57,10 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r256_w8_s4_fb2": RowGemmConfig(256, 2, 8, 4, fb_stages=2),  # run q: residual 0.560 / 1.092
     "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),  # pointer stores: run q 0.554 / 1.063 residual
     "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),  # 0.490 / 0.924, 0.557 / 1.072, 0.593 / 1.152
+    # One 128x256 MMA per K step (as r256_w8_s4_one, the fastest without fallback) with the epilogue still in two
+    # halves (so the residual loop's extra accumulator fits: sm_90 compile, 255 registers, no stack). Untimed yet.
+    "r256_w8_s3_1mma": RowGemmConfig(256, 2, 8, 3, one_mma=True),
+    "r256_w8_s4_1mma": RowGemmConfig(256, 2, 8, 4, one_mma=True),
     # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
     # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
     # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
@@ -129,7 +136,8 @@ def triton_row_mm_nt(
         s_fb = idx.stride(0)
         if a.mode == "residual":
             assert a.residual is not None
-            mode, a2, sa2 = 1, a.residual.q, a.residual.scale.reshape(-1).float()
+            mode, a2, sa2, b2 = 1, a.residual.q, a.residual.scale.reshape(-1).float(), b.q
+            s_b2 = b2.stride()
         else:
             assert a.hp is not None
             mode, a2, b2 = 2, a.hp, require_b_hp(b_hp).to(a.hp.dtype)
@@ -137,6 +145,7 @@ def triton_row_mm_nt(
         s_a2 = a2.stride()
     bm, bn = TILE_M, cfg.block_n
     bns = bn // cfg.split_n
+    one_mma = cfg.one_mma and cfg.split_n == 2
     use_tma = cfg.use_tma and _tma_ok(main.q, b.q)
     # The fallback operands keep TMA only where they allow it: the weight gradient's 16-bit a and b are transposed views
     # (hp mode), and one strided operand must not take TMA away from the main loop.
@@ -149,10 +158,12 @@ def triton_row_mm_nt(
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_src = TensorDescriptor.from_tensor(main.q, [bm, bk])
-        b_src = TensorDescriptor.from_tensor(b.q, [bns, bk])
+        b_src = TensorDescriptor.from_tensor(b.q, [bn if one_mma else bns, bk])
         if mode and fb_tma:
             a2 = TensorDescriptor.from_tensor(a2, [bm, bk])
         if mode == 2 and fb_tma:
+            b2 = TensorDescriptor.from_tensor(b2, [bns, bk])
+        if mode == 1:  # the residual loop loads b's codes a half at a time, with TMA whenever the main loop does
             b2 = TensorDescriptor.from_tensor(b2, [bns, bk])
         if c_tma:
             c_src = TensorDescriptor.from_tensor(out, [bm, bns])
@@ -166,7 +177,7 @@ def triton_row_mm_nt(
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
          "GROUP_M": cfg.group_m, "USE_TMA": use_tma,
          "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 2),
-         "C_TMA": c_tma, "FB_TMA": fb_tma},
+         "C_TMA": c_tma, "FB_TMA": fb_tma, "ONE_MMA": one_mma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

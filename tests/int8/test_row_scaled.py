@@ -165,7 +165,7 @@ def test_row_kernel_in_interpreter_matches_reference() -> None:
             assert int(a.flags.sum()) == 1
             wq = quantize_rows(w)
             bias = torch.randn(n, generator=g)
-            for name in ("r256_w8_s4", "r128_w4_s4", "r128_w8_s3_split_ptr"):
+            for name in ("r256_w8_s4", "r256_w8_s4_1mma", "r128_w4_s4", "r128_w8_s3_split_ptr"):
                 for tma in (True, False):
                     cfg = dataclasses.replace(ROW_CONFIGS[name], use_tma=tma)
                     # not hp: the interpreter multiplies bf16 tiles as their raw 16-bit integers (1e11-sized

@@ -78,8 +78,9 @@ def test_glu_backward_kernel_compiles_for_sm90(act: int) -> None:
     assert "cvt.rn.bf16.u" not in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
 
 
+@pytest.mark.parametrize("config", ["default", "r256_w8_s4_1mma"])
 @pytest.mark.parametrize("fallback", [0, 1, 2])
-def test_row_int8_gemm_default_config_does_not_spill(fallback: int) -> None:
+def test_row_int8_gemm_default_config_does_not_spill(fallback: int, config: str) -> None:
     """The row-scaled INT8 GEMM at its default configuration (128x256 tile as two INT32 accumulators, 3 stages, TMA
     loads and store) with no / residual / hp fallback keeps everything in registers: its first versions spilled 280-440
     B per thread (pointer-store epilogue, live scales in the fallback loop) before any GPU time was spent on them
@@ -94,17 +95,20 @@ def test_row_int8_gemm_default_config_does_not_spill(fallback: int) -> None:
     from lowbit_amp.kernels import _int8_triton as k
     from lowbit_amp.kernels.int8_row_gemm import DEFAULT_ROW_CONFIG, ROW_CONFIGS
 
-    cfg = ROW_CONFIGS[DEFAULT_ROW_CONFIG]
+    cfg = ROW_CONFIGS[DEFAULT_ROW_CONFIG if config == "default" else config]
     bns = cfg.block_n // cfg.split_n
+    b_main = cfg.block_n if cfg.one_mma else bns  # one MMA: the main loop's b descriptor loads the whole N tile
     a2_type = "tensordesc<bf16[128,128]>" if fallback == 2 else "tensordesc<i8[128,128]>"
     sig = {name: "i32" for name in k.int8_row_mm_kernel.arg_names}
-    sig.update({"a_src": "tensordesc<i8[128,128]>", "b_src": f"tensordesc<i8[{bns},128]>",
+    b2_type = f"tensordesc<bf16[{bns},128]>" if fallback == 2 else f"tensordesc<i8[{bns},128]>"
+    sig.update({"a_src": "tensordesc<i8[128,128]>", "b_src": f"tensordesc<i8[{b_main},128]>",
                 "c_ptr": f"tensordesc<bf16[128,{bns}]>", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
-                "a2_src": a2_type, "sa2_ptr": "*fp32", "b2_src": f"tensordesc<bf16[{bns},128]>",
+                "a2_src": a2_type, "sa2_ptr": "*fp32", "b2_src": b2_type,
                 "fb_idx_ptr": "*i32", "fb_cnt_ptr": "*i32"})
     constexprs = {"FALLBACK": fallback, "HAS_BIAS": False, "EVEN": True, "N_KB": 32, "DYNAMIC_FB": True, "BM": 128,
                   "BN": cfg.block_n, "BK": cfg.block_k, "SPLIT_N": cfg.split_n, "GROUP_M": cfg.group_m,
-                  "USE_TMA": True, "FB_STAGES": cfg.num_stages if fallback == 1 else 2, "C_TMA": True, "FB_TMA": True}
+                  "USE_TMA": True, "FB_STAGES": cfg.num_stages if fallback == 1 else 2, "C_TMA": True, "FB_TMA": True,
+                  "ONE_MMA": cfg.one_mma}
     sig.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=k.int8_row_mm_kernel, signature=sig, constexprs=constexprs)
     try:
@@ -172,11 +176,11 @@ def test_row_int8_gemm_pre_hopper_config_compiles_without_spills(capability: int
         sig = {name: "i32" for name in k.int8_row_mm_kernel.arg_names}
         sig.update({"a_src": "*i8", "b_src": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                     "bias_ptr": "*fp32", "a2_src": "*bf16" if fallback == 2 else "*i8", "sa2_ptr": "*fp32",
-                    "b2_src": "*bf16", "fb_idx_ptr": "*i32", "fb_cnt_ptr": "*i32"})
+                    "b2_src": "*bf16" if fallback == 2 else "*i8", "fb_idx_ptr": "*i32", "fb_cnt_ptr": "*i32"})
         constexprs = {"FALLBACK": fallback, "HAS_BIAS": False, "EVEN": True, "N_KB": 32, "DYNAMIC_FB": True,
                       "BM": 128, "BN": cfg.block_n, "BK": cfg.block_k, "SPLIT_N": cfg.split_n, "GROUP_M": cfg.group_m,
                       "USE_TMA": False, "FB_STAGES": cfg.num_stages if fallback == 1 else 2, "C_TMA": False,
-                      "FB_TMA": False}
+                      "FB_TMA": False, "ONE_MMA": False}
         sig.update({name: "constexpr" for name in constexprs})
         src = ASTSource(fn=k.int8_row_mm_kernel, signature=sig, constexprs=constexprs)
         try:
