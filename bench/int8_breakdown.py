@@ -153,19 +153,24 @@ def quant_sweep() -> None:
         x[::97, ::13] *= 40.0  # some outlier tiles
         xt = x.t()
         for fallback in (False, True):
-            def quant(src, rb=None, fb=fallback):  # type: ignore[no-untyped-def]
-                return triton_quantize_rows(src, 128, fb, 6.0, rows_per_program=rb)
+            def quant(src, rb=None, fb=fallback, split=None):  # type: ignore[no-untyped-def]
+                # hp: the int8 preset's fallback (the K-split kernel serves it; residual needs whole rows)
+                return triton_quantize_rows(src, 128, fb, 6.0, rows_per_program=rb, mode="hp", split=split)
 
             row = {"contiguous x": _ms(functools.partial(quant, x)),
-                   "xᵀ default": _ms(functools.partial(quant, xt)),
+                   "xᵀ default (K split)": _ms(functools.partial(quant, xt)),
+                   "xᵀ whole rows": _ms(functools.partial(quant, xt, split=False)),
                    "xᵀ copy+quant": _ms(lambda src=xt: quant(src.contiguous()))}
-            for rb in (64, 128):
-                row[f"xᵀ rb={rb}"] = _ms(functools.partial(quant, xt, rb))
+            for rb in (16, 32, 64):
+                row[f"xᵀ whole rows rb={rb}"] = _ms(functools.partial(quant, xt, rb, split=False))
+            if fallback:
+                row["xᵀ residual"] = _ms(lambda src=xt: triton_quantize_rows(src, 128, True, 6.0))
             def codes(op, fb=fallback):  # type: ignore[no-untyped-def]
                 return op.main.q if fb else op.q
 
-            ref = codes(quant(xt))
-            same = all(torch.equal(codes(quant(xt, rb)), ref) for rb in (64, 128))
+            ref = codes(quant(xt, split=False))
+            same = all(torch.equal(codes(quant(xt, rb, split=False)), ref) for rb in (16, 64))
+            same = same and torch.equal(codes(quant(xt)), ref)
             cells = "  ".join(f"{k} {v:.3f}" for k, v in row.items())
             print(f"  {feat}x{tokens} (xᵀ of {tokens}x{feat}) fallback={fallback}: {cells}  codes equal: {same}")
 

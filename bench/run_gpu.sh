@@ -162,6 +162,18 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17b)
+    # Session 17's second call (2026-12-02): GPU tests of the K-split row quantizer (transposed inputs) and of the
+    # 1mma default; the quantizer sweep; the anchor step (INT8 preset vs bf16 and O1); the INT8 per-call breakdown;
+    # the compiled O1 step's kernel table (issue 6). ~9 min.
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py tests/int8/test_row_scaled_gpu.py \
+      2>&1 | tail -3
+    timeout 90 python bench/int8_breakdown.py --quant 2>&1 | tail -6
+    BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_int8_eager,lowbit_int8row_eager \
+      timeout 150 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -6
+    timeout 80 python bench/int8_breakdown.py lowbit_int8_eager 2>&1 | tail -30
+    timeout 120 python bench/bench_all.py profile_compile 2>&1 | grep -v "^{" | tail -70 > "$OUT/profile_compile.txt"
+    ;;
   s17a)
     # Session 17's first call (2026-12-02): the row GEMM with one 128x256 MMA per K step and a split epilogue
     # (r256_w8_s*_1mma; GPU test first), timed next to the default and r256_w8_s4_one; the quantizer sweep on

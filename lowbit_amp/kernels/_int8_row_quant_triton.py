@@ -140,3 +140,55 @@ def row_quantize_kernel(
                 q = _codes(x * scale[:, None])  # recomputed (the same operations): no load of the codes just stored
                 missed = x - q.to(tl.float32) * inv[:, None]
                 tl.store(q2_rows + ks[None, :] * s_q2k, _codes(missed * scale2[:, None]), mask=mask)
+
+
+@triton.jit
+def row_quantize_split_kernel(
+    x_ptr, amax_ptr, flag_ptr, q_ptr, scale_ptr,
+    M, K, s_xm, s_xk, s_am, s_ak, s_fm, s_fk, s_qm, s_qk,
+    FALLBACK: tl.constexpr, TILE_M: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
+    N_KB: tl.constexpr, KB_PER: tl.constexpr, STAGES: tl.constexpr, HP: tl.constexpr,
+):
+    """Pass 2 with K split over programs: program ``(i, g)`` writes rows ``i·RB ..`` over K blocks ``g·KB_PER ..``.
+
+    For inputs whose rows are the contiguous dim (the weight gradient's ``xᵀ``/``dyᵀ``, transposed views of
+    row-major activations): a load is ``RB`` contiguous elements per column, so ``RB`` must be large (64: 128 bytes of
+    bf16) for coalesced loads, and :func:`row_quantize_kernel`, one program per ``RB`` whole rows, would then have
+    too few programs (4096 rows / 64 = 64). Here every program re-derives its rows' scale from pass 1's block amaxes
+    (``RB x N_KB`` floats, L2-resident: every K group of a row block reads the same ones), so pass 1 runs with or
+    without fallback. No residual (its row amax needs the whole row's codes first): ``residual`` fallback keeps
+    :func:`row_quantize_kernel`. Same scale formula and codes as that kernel, bit for bit."""
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    offs_m = pid * RB + tl.arange(0, RB)
+    m_ok = offs_m < M
+    mt = (pid * RB) // TILE_M
+    clean = tl.zeros((RB,), tl.float32)
+    full = tl.zeros((RB,), tl.float32)
+    for c0 in range(0, N_KB, CH):
+        kbs = c0 + tl.arange(0, CH)
+        kb_ok = kbs < N_KB
+        a = tl.load(amax_ptr + offs_m[:, None] * s_am + kbs[None, :] * s_ak, mask=m_ok[:, None] & kb_ok[None, :],
+                    other=0.0)
+        full = _nan_max(full, _amax(a, 1))
+        if FALLBACK:
+            flagged = tl.load(flag_ptr + mt * s_fm + kbs * s_fk, mask=kb_ok, other=0) != 0
+            clean = _nan_max(clean, _amax(tl.where(flagged[None, :], 0.0, a), 1))
+    if FALLBACK:
+        row_amax = tl.where(clean > 0, clean, full)  # as row_quantize_kernel
+    else:
+        row_amax = full
+    scale = scale_of(row_amax)
+    tl.store(scale_ptr + offs_m, scale, mask=m_ok & (grp == 0))
+    offs_k = tl.arange(0, BK)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm  # s_xm == 1 arrives as a constexpr: vector loads
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * s_qm
+    for j in tl.range(0, KB_PER, num_stages=STAGES):  # a constexpr bound: the interpreter rejects computed ones
+        kb = grp * KB_PER + j
+        ks = kb * BK + offs_k
+        mask = m_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+        q = _codes(x * scale[:, None])
+        if FALLBACK and HP:
+            q = tl.where(tl.load(flag_ptr + mt * s_fm + kb * s_fk, mask=kb < N_KB, other=0) != 0, tl.zeros_like(q), q)
+        tl.store(q_rows + ks[None, :] * s_qk, q, mask=mask)

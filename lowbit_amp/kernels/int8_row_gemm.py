@@ -45,7 +45,8 @@ class RowGemmConfig:
 # ms at 16384x4096x4096 / 8192^3 with 5.4% of tiles falling back (H200, run s; run q in parentheses where it ran):
 # none, residual, hp.
 ROW_CONFIGS: dict[str, RowGemmConfig] = {
-    # the default: 0.489 / 0.928 none, 0.548 (0.552) / 1.007 (1.050) residual, hp (fallback depth 2) 0.593 / 1.152
+    # the default until run zb: 0.489 / 0.928 none, 0.548 (0.552) / 1.007 (1.050) residual, hp (fallback depth 2)
+    # 0.593 / 1.152
     "r256_w8_s3": RowGemmConfig(256, 2, 8, 3),
     # 192 KB of shared memory: 0.490 / 0.923, 0.555 / 1.046, hp at fallback depth 1 0.615 / 1.204
     "r256_w8_s4": RowGemmConfig(256, 2, 8, 4),
@@ -58,15 +59,19 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r256_w8_s4_ptrc": RowGemmConfig(256, 2, 8, 4, tma_store=False),  # pointer stores: run q 0.554 / 1.063 residual
     "r256_w8_s3_fb2": RowGemmConfig(256, 2, 8, 3, fb_stages=2),  # 0.490 / 0.924, 0.557 / 1.072, 0.593 / 1.152
     # One 128x256 MMA per K step (as r256_w8_s4_one, the fastest without fallback) with the epilogue still in two
-    # halves (so the residual loop's extra accumulator fits: sm_90 compile, 255 registers, no stack). Untimed yet.
-    "r256_w8_s3_1mma": RowGemmConfig(256, 2, 8, 3, one_mma=True),
+    # halves, so the residual loop's extra accumulator fits (sm_90 compile: 255 registers, no stack). Both compile to
+    # the same eight m64n128k32 wgmma per K step as the two-MMA configs: the gain is in how Triton waits on one dot
+    # vs two. Run zb (H200, 2026-12-02; same run: r256_w8_s3 0.486 / 0.910, 0.546 / 1.006, 0.591 / 1.119;
+    # r256_w8_s4_one 0.453 / 0.825 none):
+    "r256_w8_s3_1mma": RowGemmConfig(256, 2, 8, 3, one_mma=True),  # 0.471 / 0.898, 0.523 / 1.005, 0.578 / 1.090
+    # the default since run zb: 0.457 / 0.853, 0.521 / 0.990, 0.566 / 1.067
     "r256_w8_s4_1mma": RowGemmConfig(256, 2, 8, 4, one_mma=True),
     # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
     # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
     # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
     "r128_w8_s3_split_ptr": RowGemmConfig(128, 2, 8, 3, use_tma=False),
 }
-DEFAULT_ROW_CONFIG = "r256_w8_s3"
+DEFAULT_ROW_CONFIG = "r256_w8_s4_1mma"
 PRE_HOPPER_ROW_CONFIG = "r128_w8_s3_split_ptr"
 
 

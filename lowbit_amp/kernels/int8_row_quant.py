@@ -24,7 +24,11 @@ Difference from the reference: the residual codes outside flagged tiles are left
 reference has zeros. Every consumer reads them inside flagged tiles only (the row GEMM's fallback loop, the reference
 GEMM's mask, ``FallbackOperand.dequantize``); zeroing them would write another byte per element.
 
-Launch shapes (rows per program, warps) are not tuned: no GPU measurement exists for this quantizer yet.
+Transposed inputs (rows the contiguous dim: the weight gradient's xᵀ and dyᵀ) take a third kernel for step 3 with no
+fallback or ``hp``: ``row_quantize_split_kernel``, 64 rows per program (128-byte loads) and K split over programs,
+each re-deriving its rows' scale from pass 1's block amaxes (pass 1 then runs without fallback too). The whole-row
+kernel on such inputs had 8-16 rows per program (16-32-byte loads): 0.44 ms for the 14336x8192 xᵀ vs 0.16 ms for the
+contiguous tensor of the same size (H200, run zb). Rows per program elsewhere: :func:`_rows_per_program`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,29 @@ _MIN_PROGRAMS = 512  # the row kernel's rows per program shrink (down to 4) unti
 _KERNELS = "lowbit_amp.kernels._int8_row_quant_triton"
 _launch_block_amax = _Launcher("row_block_amax_kernel", _KERNELS)
 _launch_row_quantize = _Launcher("row_quantize_kernel", _KERNELS)
+_launch_row_quantize_split = _Launcher("row_quantize_split_kernel", _KERNELS)
+_SPLIT_RB = 64  # rows per program of the K-split kernel: 64 contiguous bf16 = 128 bytes per column load
+_SPLIT_MIN_PROGRAMS = 1024  # its K groups shrink (down to 2 K blocks each) until there are this many programs
+
+
+def _use_split(x2d: torch.Tensor, fallback: bool, mode: str, split: bool | None) -> bool:
+    """The K-split pass 2 (``row_quantize_split_kernel``) for inputs whose rows are the contiguous dim (transposed
+    views: the weight gradient's xᵀ, dyᵀ), except with residual fallback, which needs whole rows. ``split`` forces
+    the choice (tests, tuning)."""
+    if split is not None:
+        if split and fallback and mode == "residual":
+            raise ValueError("triton_quantize_rows: split=True serves no fallback or mode='hp'; the residual needs "
+                             "whole rows (use split=None).")
+        return split
+    return x2d.stride(0) == 1 and x2d.stride(1) != 1 and not (fallback and mode == "residual")
+
+
+def _kblocks_per_program(row_blocks: int, n_kb: int) -> int:
+    """K blocks per program of the split kernel: 16, halved (down to 2) until the grid has _SPLIT_MIN_PROGRAMS."""
+    per = 16
+    while per > 2 and row_blocks * math.ceil(n_kb / per) < _SPLIT_MIN_PROGRAMS:
+        per //= 2
+    return min(per, max(1, n_kb))
 
 
 def _rows_per_program(rows: int) -> int:
@@ -67,7 +94,7 @@ def _rows_per_program(rows: int) -> int:
 
 def triton_quantize_rows(
     x2d: torch.Tensor, block_k: int, fallback: bool, threshold: float, rows_per_program: int | None = None,
-    mode: str = "residual",
+    mode: str = "residual", split: bool | None = None,
 ) -> Int8Blocks | FallbackOperand:
     """Row-scaled INT8 codes of ``x2d``: ``quantize_rows(x2d, f"128x{block_k}", threshold, mode=mode)`` with
     ``fallback``, else ``quantize_rows(x2d)`` (``block_k`` then only sets the kernel's K step). Same return types and
@@ -75,7 +102,8 @@ def triton_quantize_rows(
     the flagged tiles' codes are zeroed in the same pass and ``hp`` is ``x2d`` in bf16 (no residual).
 
     ``rows_per_program``: the row kernel's rows per program (a power of two dividing 128; default
-    :func:`_rows_per_program`), for tests and tuning."""
+    :func:`_rows_per_program`), for tests and tuning. ``split``: the K-split pass 2 (:func:`_use_split`; None:
+    for transposed inputs)."""
     if block_k not in ROW_QUANT_KBLOCKS:
         raise ValueError(f"triton_quantize_rows: block_k={block_k} must be one of {ROW_QUANT_KBLOCKS}.")
     if rows_per_program is not None and (rows_per_program < 1 or TILE_M % rows_per_program):
@@ -91,11 +119,14 @@ def triton_quantize_rows(
     dev = x2d.device
     q = torch.empty(rows, k_dim, dtype=torch.int8, device=dev)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=dev)
-    rb = rows_per_program or _rows_per_program(rows)
+    use_split = _use_split(x2d, fallback, mode, split)
+    rb = rows_per_program or (_SPLIT_RB if use_split else _rows_per_program(rows))
     grid = (math.ceil(rows / rb),)
     n_mt, n_kb = math.ceil(rows / TILE_M), math.ceil(k_dim / block_k)
     consts = {"TILE_M": TILE_M, "RB": rb, "BK": block_k, "CH": _AMAX_CHUNK, "N_KB": n_kb, "STAGES": _STAGES}
     warps = min(8, max(1, rb * block_k // 256))  # 8 elements (16 bytes of bf16) per thread per load
+    if use_split:
+        return _quantize_split(x2d, q, scale, block_k, fallback, threshold, mode, consts, warps)
     if not fallback:
         _launch_row_quantize(
             grid, (x2d, scale, q, q, scale, q, scale),  # amax, flags, q2, scale2: placeholders, never read
@@ -122,5 +153,41 @@ def triton_quantize_rows(
     )
     main = Int8Blocks(q, scale, ROW)
     if hp:
-        return FallbackOperand(main, tile, flags, "hp", hp=x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16))
+        return _hp_operand(main, tile, flags, x2d)
     return FallbackOperand(main, tile, flags, "residual", residual=Int8Blocks(q2, scale2, ROW))
+
+
+def _quantize_split(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_k: int, fallback: bool,
+                    threshold: float, mode: str, consts: dict, warps: int) -> Int8Blocks | FallbackOperand:
+    """Pass 1 (block amaxes, with or without fallback), the flags, then the K-split pass 2."""
+    rows, k_dim = x2d.shape
+    dev = x2d.device
+    n_mt, n_kb = math.ceil(rows / TILE_M), consts["N_KB"]
+    block_amax = torch.empty(rows, n_kb, dtype=torch.float32, device=dev)
+    tile_amax = torch.empty(n_mt, n_kb, dtype=torch.float32, device=dev)
+    _launch_block_amax(
+        (n_mt, n_kb), (x2d, block_amax, tile_amax),
+        (rows, k_dim, *x2d.stride(), *block_amax.stride(), *tile_amax.stride()),
+        {"TILE_M": TILE_M, "RB": min(TILE_M, _AMAX_ELEMS // block_k), "BK": block_k}, num_warps=4,
+    )
+    flags = detect_outlier_tiles(tile_amax, threshold) if fallback else None
+    flag_bytes = flags.view(torch.uint8) if flags is not None else q
+    row_blocks = math.ceil(rows / consts["RB"])
+    per = _kblocks_per_program(row_blocks, n_kb)
+    _launch_row_quantize_split(
+        (row_blocks, math.ceil(n_kb / per)), (x2d, block_amax, flag_bytes, q, scale),
+        (rows, k_dim, *x2d.stride(), *block_amax.stride(), *(flag_bytes.stride() if fallback else (0, 0)),
+         *q.stride()),
+        {**consts, "FALLBACK": fallback, "KB_PER": per, "HP": fallback}, num_warps=warps, enable_fp_fusion=False,
+    )
+    main = Int8Blocks(q, scale, ROW)
+    if not fallback:
+        return main
+    assert flags is not None and mode == "hp"
+    return _hp_operand(main, Granularity(TILE_M, block_k), flags, x2d)
+
+
+def _hp_operand(main: Int8Blocks, tile: Granularity, flags: torch.Tensor, x2d: torch.Tensor) -> FallbackOperand:
+    """The ``hp`` fallback operand: codes with the flagged tiles zeroed, and ``x2d`` itself as the 16-bit values
+    (a view when it is bf16 already, the weight gradient's transposed activations included)."""
+    return FallbackOperand(main, tile, flags, "hp", hp=x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16))

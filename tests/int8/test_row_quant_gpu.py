@@ -90,3 +90,20 @@ def test_row_weight_quantization_matches_reference_on_gpu() -> None:
     for operand in (w, w.t()):
         fused, ref = quantize_weight(operand, cfg), quantize_blocks(operand, "row")
         assert fused.q.is_contiguous() and torch.equal(fused.q, ref.q) and torch.equal(fused.scale, ref.scale)
+
+
+@pytest.mark.parametrize("shape", [(8192, 4096), (8192, 14336), (1000, 1000), (300, 2100)])
+def test_row_quantizer_k_split_on_transposed_views_on_gpu(shape: tuple[int, int]) -> None:
+    """The weight gradient's operands (xᵀ, dyᵀ: transposed views of row-major activations) take the K-split pass 2
+    (``_use_split``) with no fallback and hp: codes, scales and flags equal the reference's."""
+    from lowbit_amp.kernels.int8_row_quant import _use_split, triton_quantize_rows
+
+    xt = _data(*shape, True, torch.bfloat16).t()
+    assert _use_split(xt, True, "hp", None) and _use_split(xt, False, "hp", None)
+    tri = triton_quantize_rows(xt, 128, False, 6.0)
+    ref = quantize_rows(xt)
+    assert torch.equal(ref.q, tri.q) and torch.equal(ref.scale, tri.scale)
+    hp_tri = triton_quantize_rows(xt, 128, True, 6.0, mode="hp")
+    hp_ref = quantize_rows(xt, "128x128", 6.0, mode="hp")
+    assert torch.equal(hp_ref.flags, hp_tri.flags) and bool(hp_ref.flags.any())
+    assert torch.equal(hp_ref.main.scale, hp_tri.main.scale) and torch.equal(hp_ref.main.q, hp_tri.main.q)

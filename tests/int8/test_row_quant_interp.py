@@ -50,6 +50,17 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
             assert torch.equal(hp_ref.main.q, hp_tri.main.q)  # flagged tiles zeroed in the same pass
             return int(ref.flags.sum())
 
+        def check_split(x, bk, threshold=6.0, **kw):
+            # the K-split pass 2 (transposed inputs' default): no fallback and hp only
+            tri = triton_quantize_rows(x, bk, False, threshold, split=True, **kw)
+            ref = quantize_rows(x)
+            assert torch.equal(ref.q, tri.q) and torch.equal(ref.scale, tri.scale)
+            hp_ref = quantize_rows(x, f"128x{bk}", threshold, mode="hp")
+            hp_tri = triton_quantize_rows(x, bk, True, threshold, mode="hp", split=True, **kw)
+            assert torch.equal(hp_ref.flags, hp_tri.flags) and torch.equal(hp_ref.main.scale, hp_tri.main.scale)
+            assert torch.equal(hp_ref.main.q, hp_tri.main.q)
+            return int(hp_ref.flags.sum())
+
         g = torch.Generator().manual_seed(0)
         # Ragged (200 = 128 + 72 rows, K = 300 not a multiple of any block), injected outlier tiles, every K block.
         for bk in (64, 128, 256):
@@ -59,6 +70,7 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
             x = x.bfloat16()
             assert check(x, bk, True) > 0, bk
             check(x, bk, False)
+            assert check_split(x, bk) > 0 and check_split(x, bk, rows_per_program=32) > 0
         # Gaussian data: nothing flagged at the default threshold; a low threshold flags some tiles of plain data.
         x = torch.randn(300, 520, generator=g)
         assert check(x, 128, True) == 0
@@ -80,11 +92,20 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
         x[150, 3] = float("nan")
         check(x, 128, True, has_nan=True)
         check(x, 128, False)
+        check_split(x, 128)
         # A transposed (non-contiguous) input; fp16 with 8-row programs; tiny and empty inputs.
         xt = torch.randn(300, 200, generator=g).t()
         xt[0:128:5, 0:60] *= 50.0
-        assert check(xt, 64, True) > 0
+        assert check(xt, 64, True) > 0  # hp and no fallback: the K-split kernel, by default for this layout
         check(xt, 64, False)
+        xt = torch.randn(2100, 200, generator=g).t()  # 33 K blocks of 64: K groups of 2, the last one ragged
+        xt[60:128:5, 0:900] *= 50.0
+        assert check_split(xt, 64) > 0
+        try:
+            triton_quantize_rows(xt, 64, True, 6.0, split=True)
+            raise AssertionError("split=True with residual fallback must be refused")
+        except ValueError as exc:
+            assert "whole rows" in str(exc)
         x = torch.randn(256, 512, generator=g)
         x[130:200:3, 300:400] *= 80.0
         assert check(x.half(), 256, True, rows_per_program=8) > 0
@@ -127,6 +148,11 @@ def test_row_quant_kernels_compile_for_sm90_without_fma() -> None:
                         "HP": False}, enable_fp_fusion=False)
         compile_(k.row_quantize_kernel, pointers, {"FALLBACK": True, "TILE_M": 128, "RB": 16, "BK": 128, "CH": 64,
                                                    "N_KB": 32, "STAGES": 3, "HP": True}, enable_fp_fusion=False)
+        for fallback in (False, True):
+            split = compile_(k.row_quantize_split_kernel, pointers,
+                             {"FALLBACK": fallback, "TILE_M": 128, "RB": 64, "BK": 128, "CH": 64, "N_KB": 64,
+                              "KB_PER": 8, "STAGES": 3, "HP": fallback}, enable_fp_fusion=False, num_warps=8)
+            assert split.asm["cubin"]
     except Exception as exc:  # no NVIDIA backend in this Triton build
         if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
             pytest.skip(f"cannot compile for sm_90 here: {exc}")

@@ -78,7 +78,7 @@ def test_glu_backward_kernel_compiles_for_sm90(act: int) -> None:
     assert "cvt.rn.bf16.u" not in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
 
 
-@pytest.mark.parametrize("config", ["default", "r256_w8_s4_1mma"])
+@pytest.mark.parametrize("config", ["default", "r256_w8_s3"])
 @pytest.mark.parametrize("fallback", [0, 1, 2])
 def test_row_int8_gemm_default_config_does_not_spill(fallback: int, config: str) -> None:
     """The row-scaled INT8 GEMM at its default configuration (128x256 tile as two INT32 accumulators, 3 stages, TMA
