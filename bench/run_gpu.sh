@@ -162,6 +162,15 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17c)
+    # Session 17's third call (2026-12-02): the GPU tests s17b's timeout cut (K-split quantizer, 1mma GEMM), then the
+    # default row GEMM's variants (fallback depth, L2 grouping) at issue 5's shapes. ~6 min.
+    timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_row_quant_gpu.py 2>&1 | tail -2
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py -k "1mma or chunks or strided" \
+      2>&1 | tail -2
+    timeout 150 python bench/bench_int8.py --configs none \
+      --row r256_w8_s4_1mma,r256_w8_s4_1mma_fb2,r256_w8_s4_1mma_g4,r256_w8_s4_1mma_g16 --out "$OUT" 2>&1 | grep -E "row r|bf16 " 
+    ;;
   s17b)
     # Session 17's second call (2026-12-02): GPU tests of the K-split row quantizer (transposed inputs) and of the
     # 1mma default; the quantizer sweep; the anchor step (INT8 preset vs bf16 and O1); the INT8 per-call breakdown;

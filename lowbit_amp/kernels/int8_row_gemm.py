@@ -66,6 +66,10 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     "r256_w8_s3_1mma": RowGemmConfig(256, 2, 8, 3, one_mma=True),  # 0.471 / 0.898, 0.523 / 1.005, 0.578 / 1.090
     # the default since run zb: 0.457 / 0.853, 0.521 / 0.990, 0.566 / 1.067
     "r256_w8_s4_1mma": RowGemmConfig(256, 2, 8, 4, one_mma=True),
+    # variants of the default around the fallback loop's depth and the tile order's L2 grouping (run zd)
+    "r256_w8_s4_1mma_fb2": RowGemmConfig(256, 2, 8, 4, one_mma=True, fb_stages=2),
+    "r256_w8_s4_1mma_g4": RowGemmConfig(256, 2, 8, 4, group_m=4, one_mma=True),
+    "r256_w8_s4_1mma_g16": RowGemmConfig(256, 2, 8, 4, group_m=16, one_mma=True),
     # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
     # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
     # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
