@@ -176,21 +176,24 @@ def _linear_times(layer: nn.Module, x: torch.Tensor, reset) -> tuple[float, floa
 
 def bench_linear() -> None:
     """bf16 nn.Linear vs LowBitLinear (O1: delayed input/grad scaling, current weight scaling, weight cast every call
-    as in one micro-batch per optimizer step)."""
-    from lowbit_amp.levels import O1
+    as in one micro-batch per optimizer step). ``LINEAR_LEVEL=int8``: the INT8 preset's layer instead (the shape
+    policy's INT8 threshold)."""
+    from lowbit_amp import resolve_config
     from lowbit_amp.nn.linear import LowBitLinear
     from lowbit_amp.scaling.manager import ScalingManager
 
-    print("\n== linear layer, bf16 vs lowbit O1 (ms; ratio = bf16 / fp8) ==")
+    level = os.environ.get("LINEAR_LEVEL", "O1")
+    linear_cfg = resolve_config(level).linear
+    print(f"\n== linear layer, bf16 vs lowbit {level} (ms; ratio = bf16 / low-bit) ==")
     results: list[tuple[int, int, float]] = []
-    print(f"{'M x K x N':>20} {'bf16 fwd':>9} {'bwd':>7} {'both':>7} | {'fp8 fwd':>8} {'bwd':>7} {'both':>7} | "
+    print(f"{'M x K x N':>20} {'bf16 fwd':>9} {'bwd':>7} {'both':>7} | {'low fwd':>8} {'bwd':>7} {'both':>7} | "
           f"{'fwd x':>6} {'bwd x':>6} {'both x':>6}")
     for m, k, n in LINEAR_SHAPES:
         torch.manual_seed(0)
         ref = nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16)
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16, requires_grad=True)
         t_bf = _linear_times(ref, x, lambda: None)
-        low = LowBitLinear.from_linear(ref, O1.linear)
+        low = LowBitLinear.from_linear(ref, linear_cfg)
         manager = ScalingManager(low)
         low(x).backward(torch.randn(m, n, device=DEV, dtype=torch.bfloat16))
         manager.update()  # warm: delayed scaling reads its scale from the history from now on
@@ -202,7 +205,7 @@ def bench_linear() -> None:
         r = [a / b for a, b in zip(t_bf, t_lb)]
         print(f"{m:>6}x{k:>5}x{n:>6} {t_bf[0]:9.3f} {t_bf[1]:7.3f} {t_bf[2]:7.3f} | {t_lb[0]:8.3f} {t_lb[1]:7.3f} "
               f"{t_lb[2]:7.3f} | {r[0]:6.2f} {r[1]:6.2f} {r[2]:6.2f}")
-        emit({"section": "linear", "M": m, "K": k, "N": n, "bf16_ms": [round(t, 4) for t in t_bf],
+        emit({"section": "linear", "level": level, "M": m, "K": k, "N": n, "bf16_ms": [round(t, 4) for t in t_bf],
               "fp8_ms": [round(t, 4) for t in t_lb], "speedup_fwd_bwd_both": [round(v, 3) for v in r]})
         results.append((m, k * n, r[2]))
     # The shape policy's threshold: the smallest K*N (at 8192 tokens) from which every measured layer gains.
@@ -210,7 +213,7 @@ def bench_linear() -> None:
     losing = [kn for kn, both in at_8k if both < 1.0]
     threshold = next((kn for kn, _ in at_8k if not losing or kn > max(losing)), None)
     print(f"shape policy: smallest K*N from which every measured 8192-token layer gains: {threshold}")
-    emit({"section": "linear_policy", "min_gemm_size_suggested": threshold})
+    emit({"section": "linear_policy", "level": level, "min_gemm_size_suggested": threshold})
 
 
 # --------------------------------------------------------------------------------------------------------- e2e

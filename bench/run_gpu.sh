@@ -162,6 +162,13 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17d)
+    # Session 17's fourth call (2026-12-02): the per-layer benchmark for INT8 and FP8 side by side (the shape
+    # policy's INT8 threshold was never measured), and the anchor step with the g16 default. ~5 min.
+    LINEAR_LEVEL=int8 timeout 160 python bench/bench_all.py linear 2>&1 | grep -v "^{" | tail -16
+    LINEAR_LEVEL=O1 timeout 120 python bench/bench_all.py linear 2>&1 | grep -v "^{" | tail -16
+    BENCH_VARIANTS=bf16_eager,lowbit_int8_eager timeout 110 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -3
+    ;;
   s17c)
     # Session 17's third call (2026-12-02): the GPU tests s17b's timeout cut (K-split quantizer, 1mma GEMM), then the
     # default row GEMM's variants (fallback depth, L2 grouping) at issue 5's shapes. ~6 min.

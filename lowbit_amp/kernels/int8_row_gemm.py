@@ -64,18 +64,20 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     # vs two. Run zb (H200, 2026-12-02; same run: r256_w8_s3 0.486 / 0.910, 0.546 / 1.006, 0.591 / 1.119;
     # r256_w8_s4_one 0.453 / 0.825 none):
     "r256_w8_s3_1mma": RowGemmConfig(256, 2, 8, 3, one_mma=True),  # 0.471 / 0.898, 0.523 / 1.005, 0.578 / 1.090
-    # the default since run zb: 0.457 / 0.853, 0.521 / 0.990, 0.566 / 1.067
+    # the default from run zb to zd: 0.457 / 0.853, 0.521 / 0.990, 0.566 / 1.067
     "r256_w8_s4_1mma": RowGemmConfig(256, 2, 8, 4, one_mma=True),
-    # variants of the default around the fallback loop's depth and the tile order's L2 grouping (run zd)
-    "r256_w8_s4_1mma_fb2": RowGemmConfig(256, 2, 8, 4, one_mma=True, fb_stages=2),
-    "r256_w8_s4_1mma_g4": RowGemmConfig(256, 2, 8, 4, group_m=4, one_mma=True),
+    # Variants around the fallback loop's depth and the tile order's L2 grouping, run zd (same run: r256_w8_s4_1mma
+    # 0.457 / 0.885, 0.520 / 0.998, 0.574 / 1.089; bf16 0.760 / 1.623):
+    "r256_w8_s4_1mma_fb2": RowGemmConfig(256, 2, 8, 4, one_mma=True, fb_stages=2),  # 0.466 / 0.884, 0.522 / 0.990
+    "r256_w8_s4_1mma_g4": RowGemmConfig(256, 2, 8, 4, group_m=4, one_mma=True),  # 0.457 / 0.908, 0.521 / 1.024
+    # the default since run zd: 0.457 / 0.873, 0.517 / 0.972 (1.47x / 1.67x bf16), 0.556 / 1.065
     "r256_w8_s4_1mma_g16": RowGemmConfig(256, 2, 8, 4, group_m=16, one_mma=True),
     # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
     # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
     # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
     "r128_w8_s3_split_ptr": RowGemmConfig(128, 2, 8, 3, use_tma=False),
 }
-DEFAULT_ROW_CONFIG = "r256_w8_s4_1mma"
+DEFAULT_ROW_CONFIG = "r256_w8_s4_1mma_g16"
 PRE_HOPPER_ROW_CONFIG = "r128_w8_s3_split_ptr"
 
 
