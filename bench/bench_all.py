@@ -229,6 +229,8 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
 
         # "lowbit_O1_all_*": the shape-aware policy switched off (every aligned linear in FP8), to show what it saves.
         overrides = {"modules": {"min_gemm_size": 0}} if "_all_" in name else {}
+        if "_min50m_" in name:  # INT8's per-layer break-even (bench_all linear, LINEAR_LEVEL=int8, run ze): 4096x12288
+            overrides = {"modules": {"min_gemm_size": 4096 * 12288}}
         # "lowbit_O1_dw_*": the weight scaled from its amax history (delayed: the default since 2026-12-01, so the
         # same as lowbit_O1_*); "lowbit_O1_cw_*": current weight scaling (the old default: an amax pass before each
         # weight cast), kept as the A/B of that change (issue 6, docs/performance.md).

@@ -162,6 +162,12 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17e)
+    # Session 17's fifth call (2026-12-02): the anchor step with INT8 everywhere vs INT8 only from 4096x12288 up (the
+    # per-layer benchmark's break-even, which is host-bound), i.e. the o-projections in bf16. ~2 min.
+    BENCH_VARIANTS=bf16_eager,lowbit_int8_eager,lowbit_int8_min50m_eager timeout 150 python bench/bench_all.py e2e_big \
+      2>&1 | grep -v "^{" | tail -4
+    ;;
   s17d)
     # Session 17's fourth call (2026-12-02): the per-layer benchmark for INT8 and FP8 side by side (the shape
     # policy's INT8 threshold was never measured), and the anchor step with the g16 default. ~5 min.
