@@ -216,7 +216,7 @@ class ModulePolicy:
     the LM head and embeddings. ``alignment``: FP8 tensor-core GEMMs need in/out features that are multiples of 16.
     ``min_gemm_size``: the shape-aware policy; layers with ``in_features * out_features`` below this stay in high
     precision because the casts cost more than the FP8 GEMM saves (0 disables; ``"auto"`` picks the measured
-    threshold for the device).
+    threshold for the device and the layer's format: INT8's is higher, see ``lowbit_amp/nn/shape_policy.py``).
     """
 
     exclude: tuple[str, ...] = ("lm_head", "embed", r"(^|\.)head$", r"(^|\.)output$")

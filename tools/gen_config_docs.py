@@ -52,7 +52,8 @@ DESCRIPTIONS: dict[str, str] = {
     "linear.int8.fallback_block": "The unit one fallback decision covers (rows x K-cols); its cols equal act_block's (with `row` scaling: any K block).",
     "modules.exclude": "Regexes (`re.search` on the module's fully qualified name) of linear layers kept in high precision.",
     "modules.alignment": "In/out features must be multiples of this to convert (FP8/INT8 tensor cores need 16).",
-    "modules.min_gemm_size": "Layers with `in*out` below this stay in high precision; `auto` = 1024*1024 on CUDA, 0 on CPU.",
+    "modules.min_gemm_size": ("Layers with `in*out` below this stay in high precision; `auto` on CUDA = 8M (8·2²⁰) for FP8 layers, "
+                                "29M for INT8 layers (measured: lowbit_amp/nn/shape_policy.py); 0 on CPU."),
     "modules.overrides": "Per-module rules: a list of `{pattern: REGEX, linear: {LinearConfig fields}}`; later rules win.",
     "optimizer.enabled": "Rebuild the optimizer as the low-bit optimizer (same param groups and hyper-parameters).",
     "optimizer.exp_avg": "First-moment storage: `fp32`, `bf16`, `e4m3`.",

@@ -7,6 +7,14 @@ host time. The ``auto`` threshold comes from bench/bench_all.py's per-layer benc
 H100, 2026-11-24; docs/performance.md): every layer with ``in*out >= 16.8M`` (4096x4096 and up) gained, every one
 with ``in*out <= 4.2M`` (1024x4096, 2048x2048, 1024x1024, ...) lost, so layers below 8M weight elements stay in bf16
 on CUDA. On CPU (emulation, for numerics only) nothing is excluded by size.
+
+INT8 layers have their own threshold: the same benchmark with the INT8 preset (``LINEAR_LEVEL=int8 python
+bench/bench_all.py linear``, H200, 2026-12-02, run ze) gains from 4096x12288 (50.3M: 1.21x, 4096x14336 1.24x, 14336x4096
+1.22x) and loses at 4096x4096 (16.8M: 0.37x) and below: an INT8 layer spends ~2.5 ms of host time per forward +
+backward (quantizers, fallback detection, three GEMM launches; FP8's ~0.75 ms), so a layer gains only where its GPU
+work covers that. ``auto`` keeps INT8 layers below the geometric mean of the two, 29M, in bf16. In a GPU-bound step
+the o-projections (16.8M) cost nothing either way (the 4096-wide anchor step: 39.63 ms all INT8 vs 39.34 ms with them
+in bf16, run zf).
 """
 
 from __future__ import annotations
@@ -19,11 +27,16 @@ from torch import nn
 from lowbit_amp.config import ModulePolicy
 
 AUTO_MIN_GEMM_SIZE_CUDA = 8 * 1024 * 1024
+AUTO_MIN_GEMM_SIZE_CUDA_INT8 = 29 * 1024 * 1024
 
 
-def resolve_min_gemm_size(policy: ModulePolicy, device: torch.device) -> int:
+def resolve_min_gemm_size(policy: ModulePolicy, device: torch.device, compute: str = "fp8") -> int:
+    """The element count below which a layer stays in high precision; ``auto`` depends on the device and on the
+    layer's ``compute`` (``int8`` has its own, higher, threshold: the module docstring)."""
     if policy.min_gemm_size == "auto":
-        return AUTO_MIN_GEMM_SIZE_CUDA if device.type == "cuda" else 0
+        if device.type != "cuda":
+            return 0
+        return AUTO_MIN_GEMM_SIZE_CUDA_INT8 if compute == "int8" else AUTO_MIN_GEMM_SIZE_CUDA
     return int(policy.min_gemm_size)
 
 

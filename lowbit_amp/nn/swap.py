@@ -80,8 +80,8 @@ def convert_linears(model: nn.Module, config: LowBitConfig) -> ConversionReport:
             continue
         layer_cfg = _layer_config(name, config)
         device = linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu")
-        reason = skip_reason(name, linear, config.modules, resolve_min_gemm_size(config.modules, device),
-                             layer_cfg.compute)
+        reason = skip_reason(name, linear, config.modules,
+                             resolve_min_gemm_size(config.modules, device, layer_cfg.compute), layer_cfg.compute)
         if reason is not None:
             report.decisions.append(LayerDecision(name, shape, False, reason))
             continue
