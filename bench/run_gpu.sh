@@ -12,7 +12,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh int8quant  # START HERE next session: the row quantizer on transposed views (rows per program)
+#   bash bench/run_gpu.sh s17a..s17e  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
+#   bash bench/run_gpu.sh int8quant  # the row quantizer on transposed views (ran in s17b/zc)
 #   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling at lr 1.5e-3
 #   bash bench/run_gpu.sh next_parity3 # and unit scaling at lr 6e-3 and 2.4e-2, each next to O0 (issue 7)
 #   bash bench/run_gpu.sh next     # all GPU tests (ran 2026-12-01 run r: 318 passed), seed-3 probe (DIAGNOSE=1: fused-Adam modes)
@@ -208,7 +209,7 @@ case "${1:-checks}" in
       timeout 110 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -4
     ;;
   int8quant)
-    # START HERE next session (written 2026-12-02): the row quantizer on the weight gradient's transposed operands
+    # (ran as part of s17b, run zc, 2026-12-02) the row quantizer on the weight gradient's transposed operands
     # with more rows per program (64/128: longer contiguous runs per load) vs the default and copy-then-quantize
     # (bench/int8_breakdown.py --quant); if rb=64/128 wins, make _rows_per_program pick it for stride-1 rows (the
     # strided quantizations are ~8 of the INT8 anchor step's ~14 ms of quantizer time, docs/int8.md "End to end"),
