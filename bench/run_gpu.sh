@@ -163,6 +163,13 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s17f)
+    # Session 17's last call (2026-12-02): the compiled cast op folding the amax into the state in place (no traced
+    # max/add per cast): its GPU tests, then compiled bf16 vs compiled O1 (issue 6). ~4 min.
+    timeout 70 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py -k "custom_op or compiled" \
+      2>&1 | tail -2
+    BENCH_VARIANTS=bf16_compile,lowbit_O1_compile timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -3
+    ;;
   s17e)
     # Session 17's fifth call (2026-12-02): the anchor step with INT8 everywhere vs INT8 only from 4096x12288 up (the
     # per-layer benchmark's break-even, which is host-bound), i.e. the o-projections in bf16. ~2 min.

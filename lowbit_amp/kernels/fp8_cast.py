@@ -64,8 +64,8 @@ def _scale_from_amax_bits(amax_bits, TARGET: tl.constexpr, MAX_SCALE_C: tl.const
 @triton.jit
 def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH: tl.constexpr):
     """ScalingState.record: pending = max(pending, amax if finite else 0); nonfinite_count += not finite. ``FRESH``:
-    the targets are new uninitialised outputs (the custom op's), written as if they had been zero — no zero-fill
-    launch per call."""
+    the targets are new uninitialised outputs (lowbit_amp/grads/fp8_grad.py's), written as if they had been zero — no
+    zero-fill launch per call."""
     finite = amax_bits < 0x7F800000
     amax = amax_bits.to(tl.float32, bitcast=True)
     contribution = tl.where(finite, amax, 0.0)
@@ -210,7 +210,8 @@ def launch_cast(
     """The kernels behind both entry points: ``(lp, lpᵀ or None, scale_out)``, ``scale_out[0]`` = the scale used
     when ``current``, ``scale_out[4]`` = its inverse. With ``record`` the tensor's amax is folded into ``pending`` /
     ``nonfinite`` (and ``scratch``, all-zero int32[2], is used and left all-zero) exactly as ScalingState.record;
-    ``fresh``: ``pending``/``nonfinite`` are uninitialised and receive this tensor's contribution alone."""
+    ``fresh``: ``pending``/``nonfinite`` are uninitialised and receive this tensor's contribution alone (the FP8
+    weight-gradient encoder's use)."""
     rows, cols = x2d.shape
     device = x2d.device
     # fp32 inputs: the in-kernel FP8 transpose gave wrong bytes for 16-aligned fp32 tiles (Triton 3.6, sm_90; caught
@@ -252,7 +253,8 @@ def fused_quantize(
 
     Preconditions (checked by :func:`lowbit_amp.kernels.dispatch.fused_cast_unavailable`): CUDA 2-D non-empty
     float tensor, tensorwise FP8 state, round-to-nearest, no power-of-2 scales. Eager only: it updates the state's
-    buffers in place from inside the kernel; under ``torch.compile`` :mod:`lowbit_amp.kernels.fp8_cast_op` serves.
+    buffers in place from inside the kernel; under ``torch.compile`` :mod:`lowbit_amp.kernels.fp8_cast_op` serves
+    (the same launch, with the mutation declared in its schema).
     """
     fmt = state.fmt
     current = not (state.config.algo == "static" or (state.delayed and state._warm))

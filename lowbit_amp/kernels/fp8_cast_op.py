@@ -5,12 +5,15 @@ slower than our kernel on the warm delayed cast of a 16384x4096 operand (0.174 v
 and that difference was most of the 4096-wide compiled miss (1.40x vs the 1.45x target). An opaque custom op keeps the
 kernel in the graph with no graph break.
 
-The op is *functional*: it reads the state's scale and returns ``(lp, lpᵀ, scale_out, pending, nonfinite)`` where
-``pending``/``nonfinite`` are this call's amax contribution, folded into fresh zero buffers by the kernel exactly as
-:meth:`ScalingState.record` does. :func:`traceable_fused_quantize` then folds them into the state's buffers with
-traced torch ops (max / add), so Dynamo and AOTAutograd see every buffer mutation as an ordinary in-graph op instead
-of a mutation hidden inside an opaque kernel. The values and state updates equal the eager fused path's bit for bit
-(tests/kernels/test_fp8_cast_gpu.py).
+The op folds the tensor's amax into the state's ``pending_amax`` / ``nonfinite_count`` from inside the kernel, as
+:meth:`ScalingState.record` does and as the eager launch does; the schema declares both as mutated (``Tensor(a!)``), so
+Dynamo and AOTAutograd see the mutation (functionalised, then re-inplaced by Inductor onto the buffers: no copies).
+Until 2026-12-02 the op was functional — it returned this call's amax and count, and two traced ops (max, add) folded
+them into the buffers — which left Inductor one or two extra kernels per cast (about 30 per step of the 4096-wide
+compiled anchor: each a launch of GPU time on a GPU-bound step; an Inductor CPU compile of two O1 layers shows 7
+forward kernels before, 4 after). The values and state updates equal the eager fused path's bit for bit
+(tests/kernels/test_fp8_cast_gpu.py; on CPU the compiled plumbing is tested with a reference implementation
+registered for the test, tests/nn/test_compile.py).
 
 Registering the op imports nothing heavy (Triton is imported by the CUDA implementation when first called), so this
 module is safe on CPU-only installs; the op has no CPU implementation because the dispatcher
@@ -36,42 +39,42 @@ __all__ = ["traceable_fused_quantize"]
 # inside LowBitLinear's autograd.Function, where grad mode is off.
 _LIB = torch.library.Library("lowbit_amp", "FRAGMENT")
 _LIB.define(
-    "fp8_cast(Tensor x, Tensor scale, Tensor scratch, ScalarType out_dtype, float fmt_max, float target, "
-    "bool current, bool record, bool want_transpose) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    "fp8_cast(Tensor x, Tensor scale, Tensor scratch, Tensor(a!) pending_amax, Tensor(b!) nonfinite_count, "
+    "ScalarType out_dtype, float fmt_max, float target, bool current, bool record, bool want_transpose) "
+    "-> (Tensor, Tensor, Tensor)")
 
 
 def fp8_cast(
-    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, out_dtype: torch.dtype, fmt_max: float,
-    target: float, current: bool, record: bool, want_transpose: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lp, lpᵀ or an empty tensor, scale_out[8], pending amax, nonfinite count)``; see the module docstring.
+    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, pending_amax: torch.Tensor,
+    nonfinite_count: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float, current: bool,
+    record: bool, want_transpose: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lp, lpᵀ or an empty tensor, scale_out[8])``; with ``record``, ``x``'s amax is folded into ``pending_amax``
+    and ``nonfinite_count`` in place (see the module docstring; untouched without ``record``).
 
     ``scratch`` is the state's all-zero ``cast_scratch`` words: the one-pass delayed cast counts finished programs
     in it and its last program zeroes it again, so the op leaves it as it found it (declared unmutated). The outputs
-    are allocated uninitialised and written whole by the kernel: the previous version zero-filled three buffers per
-    call, three extra launches per cast that made the compiled forward launch-bound (bench/trace_gaps.py, H200,
-    2026-12-01)."""
+    are allocated uninitialised and written whole by the kernel (zero-filling them cost three launches per cast,
+    bench/trace_gaps.py, H200, 2026-12-01)."""
     from lowbit_amp.kernels.fp8_cast import launch_cast
 
-    pending = torch.empty((), dtype=torch.float32, device=x.device)
-    nonfinite = torch.empty((), dtype=torch.int64, device=x.device)
     lp, lp_t, scale_out = launch_cast(x, scale, out_dtype, fmt_max, target, current, record, want_transpose,
-                                      pending, nonfinite, scratch if (record and not current) else None, fresh=True)
+                                      pending_amax, nonfinite_count, scratch if (record and not current) else None)
     if lp_t is None:
         lp_t = lp.new_empty((0,))
-    return lp, lp_t, scale_out, pending, nonfinite
+    return lp, lp_t, scale_out
 
 
 _LIB.impl("fp8_cast", fp8_cast, "CUDA")
 
 
 @torch.library.register_fake("lowbit_amp::fp8_cast", lib=_LIB)
-def _fp8_cast_fake(x, scale, scratch, out_dtype, fmt_max, target, current, record, want_transpose):  # type: ignore[no-untyped-def]
+def _fp8_cast_fake(x, scale, scratch, pending_amax, nonfinite_count, out_dtype, fmt_max, target, current, record,  # type: ignore[no-untyped-def]
+                   want_transpose):
     rows, cols = x.shape
     lp = x.new_empty((rows, cols), dtype=out_dtype)
     lp_t = x.new_empty((cols, rows) if want_transpose else (0,), dtype=out_dtype)
-    return (lp, lp_t, x.new_empty((8,), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
-            x.new_empty((), dtype=torch.int64))
+    return lp, lp_t, x.new_empty((8,), dtype=torch.float32)
 
 
 def traceable_fused_quantize(
@@ -81,11 +84,8 @@ def traceable_fused_quantize(
     fmt = state.fmt
     current = not (state.config.algo == "static" or (state.delayed and state._warm))
     record = state.delayed
-    lp, lp_t, scale_out, pending, nonfinite = torch.ops.lowbit_amp.fp8_cast(
-        x2d, state.scale, state.cast_scratch, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current,
-        record, want_transpose)
-    if record:
-        state.nonfinite_count.add_(nonfinite)
-        state.pending_amax.copy_(torch.maximum(state.pending_amax, pending))
+    lp, lp_t, scale_out = torch.ops.lowbit_amp.fp8_cast(
+        x2d, state.scale, state.cast_scratch, state.pending_amax, state.nonfinite_count, fmt.dtype, fmt.max,
+        fmt.max / (2.0 ** state.config.margin), current, record, want_transpose)
     scale = scale_out[0] if current else state.scale
     return lp, (lp_t if want_transpose else None), scale, scale_out[4]

@@ -141,7 +141,7 @@ def test_layer_with_kernels_equals_layer_without(m: int, k: int, n: int) -> None
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("mode", ["current", "delayed_cold", "delayed_warm", "static"])
 def test_custom_op_path_is_bitwise_the_reference(shape, fmt, mode) -> None:  # type: ignore[no-untyped-def]
-    """``lowbit_amp::fp8_cast`` + the traced state fold give the reference's bytes and state updates too."""
+    """``lowbit_amp::fp8_cast`` (its in-place state fold included) gives the reference's bytes and state updates too."""
     from lowbit_amp.kernels.fp8_cast_op import traceable_fused_quantize
 
     x = _data(shape, torch.bfloat16, seed=zlib.crc32(repr((shape, fmt, mode, "op")).encode()))
@@ -165,17 +165,21 @@ def test_custom_op_passes_opcheck() -> None:
     x = _data((96, 80), torch.bfloat16, 11)
     scale = torch.tensor(2.0, device="cuda")
     scratch = torch.zeros(2, dtype=torch.int32, device="cuda")  # a state's cast_scratch: left all-zero by the op
+    amax = x.float().abs().max()
     for current, record, want_t in [(True, False, True), (False, True, True), (False, True, False), (True, True, True)]:
-        torch.library.opcheck(torch.ops.lowbit_amp.fp8_cast.default,
-                              (x, scale, scratch, torch.float8_e4m3fn, 448.0, 448.0, current, record, want_t),
-                              test_utils=("test_schema", "test_faketensor"))
-        assert not scratch.any(), "the op must leave the scratch words zeroed"
-        outs = torch.ops.lowbit_amp.fp8_cast.default(x, scale, scratch, torch.float8_e4m3fn, 448.0, 448.0, current,
-                                                     record, want_t)
-        amax = x.float().abs().max()
-        expected = amax if record else torch.zeros((), device="cuda")
-        assert torch.equal(outs[3], expected), "pending: this call's amax alone"
-        assert outs[4].item() == 0, "nonfinite count of finite data"
+        for before in (0.0, 2 * float(amax)):  # the fold is a max into the state's pending amax
+            pending = torch.tensor(before, device="cuda")
+            nonfinite = torch.tensor(3, dtype=torch.int64, device="cuda")
+            args = (x, scale, scratch, pending, nonfinite, torch.float8_e4m3fn, 448.0, 448.0, current, record, want_t)
+            torch.library.opcheck(torch.ops.lowbit_amp.fp8_cast.default, args,
+                                  test_utils=("test_schema", "test_faketensor"))
+            assert not scratch.any(), "the op must leave the scratch words zeroed"
+            pending.fill_(before)
+            outs = torch.ops.lowbit_amp.fp8_cast.default(*args)
+            assert len(outs) == 3
+            expected = torch.maximum(amax, torch.tensor(before, device="cuda")) if record else before
+            assert torch.equal(pending, torch.as_tensor(expected, device="cuda")), "pending: max(before, amax)"
+            assert nonfinite.item() == 3, "nonfinite count unchanged by finite data"
 
 
 @pytest.mark.skipif(not fp8_gemm_supported("cuda")[0], reason="FP8 GEMMs need compute capability 8.9+")

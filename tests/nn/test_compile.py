@@ -81,3 +81,74 @@ def test_fullgraph_compiled_step_matches_eager_with_delayed_scaling(backend: str
         assert s_eager.pending_amax.item() > 0
         assert torch.equal(s_comp.pending_amax, s_eager.pending_amax)
         assert torch.equal(s_comp.scale, s_eager.scale)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(not _HAS_CXX, reason="Inductor on CPU needs a C++ compiler")),
+])
+def test_compiled_graph_folds_amaxes_through_the_cast_op(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path CUDA takes under ``torch.compile``: every cast through ``lowbit_amp::fp8_cast``, whose schema declares
+    the state's ``pending_amax`` / ``nonfinite_count`` as mutated and whose kernel folds the amax into them. On CPU the
+    op gets a reference implementation for this test only (same formula as the kernel: scale = min(1/amax · target,
+    MAX_SCALE), saturating cast, max/add fold), so the graph plumbing — functionalisation of the in-place fold in the
+    forward *and* backward graphs, and Inductor's re-inplacing onto the buffers — is checked without a GPU: outputs,
+    gradients and every delayed state equal eager's reference path."""
+    from lowbit_amp.kernels import dispatch
+    from lowbit_amp.quant.cast import MAX_SCALE
+
+    def reference_cast(x, scale, scratch, pending, nonfinite, out_dtype, fmt_max, target, current, record,  # type: ignore[no-untyped-def]
+                       want_transpose):
+        calls.append(bool(record))
+        xf = x.float()
+        amax = xf.abs().amax()
+        if current:
+            usable = (amax > 0) & torch.isfinite(amax)
+            used = torch.where(usable, torch.clamp(amax.reciprocal() * target, max=MAX_SCALE), 1.0)
+        else:
+            used = scale.float()
+        lp = torch.clamp(xf * used, -fmt_max, fmt_max).to(out_dtype)
+        lp_t = lp.t().contiguous() if want_transpose else lp.new_empty((0,))
+        scale_out = torch.zeros(8)
+        scale_out[0], scale_out[4] = used, used.reciprocal()
+        if record:
+            finite = torch.isfinite(amax)
+            pending.copy_(torch.maximum(pending, torch.where(finite, amax, 0.0)))
+            nonfinite.add_((~finite).long())
+        return lp, lp_t, scale_out
+
+    calls: list[bool] = []
+    lib = torch.library.Library("lowbit_amp", "IMPL")
+    try:
+        lib.impl("fp8_cast", reference_cast, "CPU")
+        torch._dynamo.reset()
+        model, _ = _warm_model(2)
+        eager = copy.deepcopy(model)
+        for a, b in zip(model.modules(), eager.modules()):
+            if isinstance(a, ScalingState):
+                b._warm = a._warm
+
+        def route(x, state, rounding="nearest", enabled=True):  # type: ignore[no-untyped-def]
+            # the op while tracing; eager keeps the CPU reference path
+            return None if torch.compiler.is_compiling() else "eager CPU reference"
+
+        monkeypatch.setattr(dispatch, "fused_cast_unavailable", route)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        x = torch.randn(3, 5, 48)
+        x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_eager, y_comp = eager(x_eager), compiled(x_comp)
+        y_eager.square().mean().backward()
+        y_comp.square().mean().backward()
+        # 2 layers x (x, W forward; dy backward), every state delayed: six recording calls of the op
+        assert calls.count(True) == 6, calls
+        torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-4, atol=1e-5)
+        states = [(a, b) for a, b in zip(model.modules(), eager.modules()) if isinstance(a, ScalingState) and a.delayed]
+        assert len(states) == 6
+        for s_comp, s_eager in states:
+            assert s_eager.pending_amax.item() > 0
+            assert torch.equal(s_comp.pending_amax, s_eager.pending_amax)
+            assert torch.equal(s_comp.nonfinite_count, s_eager.nonfinite_count)
+    finally:
+        lib._destroy()
+        torch._dynamo.reset()
