@@ -37,6 +37,27 @@ def _codes(y):
 
 
 @triton.jit
+def _row_amax_from_blocks(amax_ptr, flag_ptr, offs_m, m_ok, mt, s_am, s_ak, s_fm, s_fk, RB: tl.constexpr,
+                          CH: tl.constexpr, N_KB: tl.constexpr, FALLBACK: tl.constexpr):
+    """Rows' amaxes from pass 1's ``1 x BK`` block amaxes: with ``FALLBACK`` over the unflagged blocks only (the
+    flags of the rows' ``TILE_M``-row tile ``mt``), or the whole row's where that is 0; without, the whole row's."""
+    clean = tl.zeros((RB,), tl.float32)
+    full = tl.zeros((RB,), tl.float32)
+    for c0 in range(0, N_KB, CH):
+        kbs = c0 + tl.arange(0, CH)
+        kb_ok = kbs < N_KB
+        a = tl.load(amax_ptr + offs_m[:, None] * s_am + kbs[None, :] * s_ak, mask=m_ok[:, None] & kb_ok[None, :],
+                    other=0.0)
+        if FALLBACK:
+            flagged = tl.load(flag_ptr + mt * s_fm + kbs * s_fk, mask=kb_ok, other=0) != 0
+            clean = _nan_max(clean, _amax(tl.where(flagged[None, :], 0.0, a), 1))
+        full = _nan_max(full, _amax(a, 1))
+    if FALLBACK:
+        return tl.where(clean > 0, clean, full)  # NaN > 0 is False: the whole row's amax, NaN too, as torch
+    return full
+
+
+@triton.jit
 def row_block_amax_kernel(
     x_ptr, amax_ptr, tile_ptr,
     M, K, s_xm, s_xk, s_am, s_ak, s_tm, s_tk,
@@ -92,17 +113,8 @@ def row_quantize_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm
     q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * s_qm
     if FALLBACK:
-        clean = tl.zeros((RB,), tl.float32)
-        full = tl.zeros((RB,), tl.float32)
-        for c0 in range(0, N_KB, CH):
-            kbs = c0 + tl.arange(0, CH)
-            kb_ok = kbs < N_KB
-            a = tl.load(amax_ptr + offs_m[:, None] * s_am + kbs[None, :] * s_ak, mask=m_ok[:, None] & kb_ok[None, :],
-                        other=0.0)
-            flagged = tl.load(flag_ptr + mt * s_fm + kbs * s_fk, mask=kb_ok, other=0) != 0
-            clean = _nan_max(clean, _amax(tl.where(flagged[None, :], 0.0, a), 1))
-            full = _nan_max(full, _amax(a, 1))
-        row_amax = tl.where(clean > 0, clean, full)  # NaN > 0 is False: the whole row's amax, NaN too, as torch
+        row_amax = _row_amax_from_blocks(amax_ptr, flag_ptr, offs_m, m_ok, mt, s_am, s_ak, s_fm, s_fk, RB, CH, N_KB,
+                                         True)
     else:
         row_amax = tl.zeros((RB,), tl.float32)
         for kb in tl.range(0, N_KB, num_stages=STAGES):
@@ -163,21 +175,8 @@ def row_quantize_split_kernel(
     offs_m = pid * RB + tl.arange(0, RB)
     m_ok = offs_m < M
     mt = (pid * RB) // TILE_M
-    clean = tl.zeros((RB,), tl.float32)
-    full = tl.zeros((RB,), tl.float32)
-    for c0 in range(0, N_KB, CH):
-        kbs = c0 + tl.arange(0, CH)
-        kb_ok = kbs < N_KB
-        a = tl.load(amax_ptr + offs_m[:, None] * s_am + kbs[None, :] * s_ak, mask=m_ok[:, None] & kb_ok[None, :],
-                    other=0.0)
-        full = _nan_max(full, _amax(a, 1))
-        if FALLBACK:
-            flagged = tl.load(flag_ptr + mt * s_fm + kbs * s_fk, mask=kb_ok, other=0) != 0
-            clean = _nan_max(clean, _amax(tl.where(flagged[None, :], 0.0, a), 1))
-    if FALLBACK:
-        row_amax = tl.where(clean > 0, clean, full)  # as row_quantize_kernel
-    else:
-        row_amax = full
+    row_amax = _row_amax_from_blocks(amax_ptr, flag_ptr, offs_m, m_ok, mt, s_am, s_ak, s_fm, s_fk, RB, CH, N_KB,
+                                     FALLBACK)
     scale = scale_of(row_amax)
     tl.store(scale_ptr + offs_m, scale, mask=m_ok & (grp == 0))
     offs_k = tl.arange(0, BK)

@@ -122,7 +122,7 @@ def triton_quantize_rows(
     use_split = _use_split(x2d, fallback, mode, split)
     rb = rows_per_program or (_SPLIT_RB if use_split else _rows_per_program(rows))
     grid = (math.ceil(rows / rb),)
-    n_mt, n_kb = math.ceil(rows / TILE_M), math.ceil(k_dim / block_k)
+    n_kb = math.ceil(k_dim / block_k)
     consts = {"TILE_M": TILE_M, "RB": rb, "BK": block_k, "CH": _AMAX_CHUNK, "N_KB": n_kb, "STAGES": _STAGES}
     warps = min(8, max(1, rb * block_k // 256))  # 8 elements (16 bytes of bf16) per thread per load
     if use_split:
@@ -134,13 +134,7 @@ def triton_quantize_rows(
             {"FALLBACK": False, **consts, "HP": False}, num_warps=warps, enable_fp_fusion=False,
         )
         return Int8Blocks(q, scale, ROW)
-    block_amax = torch.empty(rows, n_kb, dtype=torch.float32, device=dev)
-    tile_amax = torch.empty(n_mt, n_kb, dtype=torch.float32, device=dev)
-    _launch_block_amax(
-        (n_mt, n_kb), (x2d, block_amax, tile_amax),
-        (rows, k_dim, *x2d.stride(), *block_amax.stride(), *tile_amax.stride()),
-        {"TILE_M": TILE_M, "RB": min(TILE_M, _AMAX_ELEMS // block_k), "BK": block_k}, num_warps=4,
-    )
+    block_amax, tile_amax = _block_amaxes(x2d, block_k, n_kb)
     flags = detect_outlier_tiles(tile_amax, threshold)
     flag_bytes = flags.view(torch.uint8)
     hp = mode == "hp"
@@ -157,19 +151,26 @@ def triton_quantize_rows(
     return FallbackOperand(main, tile, flags, "residual", residual=Int8Blocks(q2, scale2, ROW))
 
 
-def _quantize_split(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_k: int, fallback: bool,
-                    threshold: float, mode: str, consts: dict, warps: int) -> Int8Blocks | FallbackOperand:
-    """Pass 1 (block amaxes, with or without fallback), the flags, then the K-split pass 2."""
+def _block_amaxes(x2d: torch.Tensor, block_k: int, n_kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: the amax of every ``1 x block_k`` block and of every ``TILE_M x block_k`` tile (one launch)."""
     rows, k_dim = x2d.shape
-    dev = x2d.device
-    n_mt, n_kb = math.ceil(rows / TILE_M), consts["N_KB"]
-    block_amax = torch.empty(rows, n_kb, dtype=torch.float32, device=dev)
-    tile_amax = torch.empty(n_mt, n_kb, dtype=torch.float32, device=dev)
+    n_mt = math.ceil(rows / TILE_M)
+    block_amax = torch.empty(rows, n_kb, dtype=torch.float32, device=x2d.device)
+    tile_amax = torch.empty(n_mt, n_kb, dtype=torch.float32, device=x2d.device)
     _launch_block_amax(
         (n_mt, n_kb), (x2d, block_amax, tile_amax),
         (rows, k_dim, *x2d.stride(), *block_amax.stride(), *tile_amax.stride()),
         {"TILE_M": TILE_M, "RB": min(TILE_M, _AMAX_ELEMS // block_k), "BK": block_k}, num_warps=4,
     )
+    return block_amax, tile_amax
+
+
+def _quantize_split(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_k: int, fallback: bool,
+                    threshold: float, mode: str, consts: dict, warps: int) -> Int8Blocks | FallbackOperand:
+    """Pass 1 (block amaxes, with or without fallback), the flags, then the K-split pass 2."""
+    rows, k_dim = x2d.shape
+    n_kb = consts["N_KB"]
+    block_amax, tile_amax = _block_amaxes(x2d, block_k, n_kb)
     flags = detect_outlier_tiles(tile_amax, threshold) if fallback else None
     flag_bytes = flags.view(torch.uint8) if flags is not None else q
     row_blocks = math.ceil(rows / consts["RB"])
