@@ -12,7 +12,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh s17a..s17e  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
+#   bash bench/run_gpu.sh s18      # START HERE next session: the merged hp fallback loop (GPU test, GEMM, anchor step)
+#   bash bench/run_gpu.sh s17a..s17f  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
 #   bash bench/run_gpu.sh int8quant  # the row quantizer on transposed views (ran in s17b/zc)
 #   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling at lr 1.5e-3
 #   bash bench/run_gpu.sh next_parity3 # and unit scaling at lr 6e-3 and 2.4e-2, each next to O0 (issue 7)
@@ -162,6 +163,18 @@ case "${1:-checks}" in
     # accuracy next to the block-scaled layouts; plus its GPU test against the reference. ~3 min.
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
+    ;;
+  s18)
+    # START HERE (written 2026-12-02 after that session's device time): the row GEMM's hp fallback with both N halves
+    # in one loop (r256_w8_s4_1mma_g16_mfb; compiled on CPU, spill-free, interpreter-checked with fp32 operands, never
+    # run on a GPU). GPU test first; if it passes and the GEMM / anchor step are faster, make it DEFAULT_ROW_CONFIG
+    # (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md. ~5 min.
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py -k "mfb" 2>&1 | tail -2
+    timeout 120 python bench/bench_int8.py --configs none --row r256_w8_s4_1mma_g16,r256_w8_s4_1mma_g16_mfb \
+      --out "$OUT" 2>&1 | grep -E "row r|bf16 "
+    BENCH_VARIANTS=bf16_eager,lowbit_int8_eager timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
+    INT8_ROW_CONFIG=r256_w8_s4_1mma_g16_mfb BENCH_VARIANTS=bf16_eager,lowbit_int8_eager \
+      timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
     ;;
   s17f)
     # Session 17's last call (2026-12-02): the compiled cast op folding the amax into the state in place (no traced
