@@ -471,7 +471,11 @@ def int8_row_mm_kernel(
     Fallback, after the main loop, per N half (so that at most one extra accumulator is live): ``FALLBACK == 1``
     the flagged ``BM x BK`` tiles of ``a`` add their residual codes' product (row-scaled too, INT32 over the flagged
     blocks): ``out = (float(acc) · sinv_a[m] + float(acc2) · sinv_a2[m]) · sinv_b[n]``; ``FALLBACK == 2`` (hp) their
-    bf16 product with ``b``'s 16-bit values: ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ a_hp · b_hpᵀ``."""
+    bf16 product with ``b``'s 16-bit values: ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ a_hp · b_hpᵀ``.
+
+    ``ONE_MMA``: the main loop as one ``BM x BN`` dot whose accumulator is split into the two halves afterwards
+    (register-only), instead of two ``BM x BN/2`` dots; ``MERGED_FB`` (hp only): both halves' fallback in one loop
+    (:func:`_row_hp_merged`)."""
     BNS: tl.constexpr = BN // SPLIT_N
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     off_m = pid_m * BM
