@@ -165,11 +165,13 @@ case "${1:-checks}" in
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
   s18)
-    # START HERE (written 2026-12-02 after that session's device time): the row GEMM's hp fallback with both N halves
-    # in one loop (r256_w8_s4_1mma_g16_mfb; compiled on CPU, spill-free, interpreter-checked with fp32 operands, never
-    # run on a GPU). GPU test first; if it passes and the GEMM / anchor step are faster, make it DEFAULT_ROW_CONFIG
-    # (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md. ~5 min.
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py -k "mfb" 2>&1 | tail -2
+    # START HERE (written 2026-12-02 after that session's device time): (1) the weight gradient's reuse of the
+    # forward's flags for xᵀ (on by default; interpreter- and CPU-tested; its GPU test here); (2) the row GEMM's hp
+    # fallback with both N halves in one loop (r256_w8_s4_1mma_g16_mfb; compiled on CPU, spill-free, interpreter-checked
+    # with fp32 operands, never run on a GPU). If the tests pass and the GEMM / anchor step are faster, make mfb
+    # DEFAULT_ROW_CONFIG (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md. ~5 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py tests/int8/test_row_quant_gpu.py \
+      -k "mfb or given_flags" 2>&1 | tail -2
     timeout 120 python bench/bench_int8.py --configs none --row r256_w8_s4_1mma_g16,r256_w8_s4_1mma_g16_mfb \
       --out "$OUT" 2>&1 | grep -E "row r|bf16 "
     BENCH_VARIANTS=bf16_eager,lowbit_int8_eager timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2

@@ -34,26 +34,27 @@ def _triton_serves(x2d: torch.Tensor, act: Granularity, tile: Granularity, round
 
 
 def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallback: bool, mode: str, rounding: str,
-                   generator: torch.Generator | None, backend: str) -> Int8Blocks | FallbackOperand:
+                   generator: torch.Generator | None, backend: str,
+                   flags: torch.Tensor | None = None) -> Int8Blocks | FallbackOperand:
+    given = flags if fallback else None
     if backend != "reference" and x2d.is_cuda and rounding == "nearest":
         from lowbit_amp.kernels.int8_gemm import TILE_M
         from lowbit_amp.kernels.int8_row_quant import ROW_QUANT_KBLOCKS, triton_quantize_rows
 
         if tile.cols not in ROW_QUANT_KBLOCKS or tile.rows != TILE_M:  # its tiles are the GEMM's 128-row M tiles
-            return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode)
-        # Transposed views (the weight gradient's xᵀ, dyᵀ) are read strided (0.44 ms for a 14336x8192 dyᵀ, H200 run
-        # x). Copying them row-major first was tried: the anchor step went 46.8 -> 51.7 ms (runs x, z; run z also had
-        # the fused flags kernel), so the copy is not made.
+            return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode, given)
+        # Transposed views (the weight gradient's xᵀ, dyᵀ) take the quantizer's K-split kernel (coalesced 128-byte
+        # loads; H200 run zc). Copying them row-major first was tried and lost 5-7 ms per anchor step (runs x, z).
         if mode == "hp" and not FUSED_HP_ZEROING:
-            op = triton_quantize_rows(x2d, tile.cols, fallback, threshold)  # type: ignore[arg-type]
+            op = triton_quantize_rows(x2d, tile.cols, fallback, threshold, flags=given)  # type: ignore[arg-type]
             if fallback:  # the same row scales and flags; flagged codes zeroed by two torch ops (0.38 ms vs 0.18 ms
                 # for the fused residual at 16384x4096, H200 run s)
                 op.main.q.masked_fill_(op.element_mask(), 0)
                 op.mode, op.residual = "hp", None
                 op.hp = x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
             return op
-        return triton_quantize_rows(x2d, tile.cols, fallback, threshold, mode=mode)  # type: ignore[arg-type]
-    return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode)
+        return triton_quantize_rows(x2d, tile.cols, fallback, threshold, mode=mode, flags=given)  # type: ignore[arg-type]
+    return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode, given)
 
 
 def quantize_weight(w: torch.Tensor, cfg: Int8Config) -> Int8Blocks:
@@ -76,13 +77,18 @@ def quantize_act(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    flags: torch.Tensor | None = None,
 ) -> Int8Blocks | FallbackOperand:
-    """Block-quantize ``x2d`` per ``cfg.act_block``; with ``fallback``, flag and re-represent outlier tiles."""
+    """Block-quantize ``x2d`` per ``cfg.act_block``; with ``fallback``, flag and re-represent outlier tiles.
+    ``flags`` (row layout only): the tiles' outlier flags when already known, e.g. the forward's for ``x``, transposed,
+    when the weight gradient quantizes ``xᵀ`` (:func:`lowbit_amp.int8.row_scaled.check_given_flags`)."""
     act = Granularity.parse(cfg.act_block)
     tile = Granularity.parse(cfg.fallback_block)
     if act == ROW:
         return _quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, rounding, generator,
-                              backend)
+                              backend, flags)
+    if flags is not None:
+        raise ValueError(f"quantize_act: given flags serve the row layout only (act_block {cfg.act_block!r}).")
     if backend != "reference" and _triton_serves(x2d, act, tile, rounding):
         from lowbit_amp.kernels.int8_gemm import triton_quantize_act
 

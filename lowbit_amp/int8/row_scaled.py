@@ -42,7 +42,8 @@ from lowbit_amp.int8.fallback import (
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
 
-__all__ = ["CHUNK_K", "MAX_K", "ROW", "is_row_scaled", "quantize_rows", "reference_row_mm_nt", "row_mm_chunked"]
+__all__ = ["CHUNK_K", "MAX_K", "ROW", "check_given_flags", "is_row_scaled", "quantize_rows", "reference_row_mm_nt",
+           "row_mm_chunked"]
 
 ROW = Granularity(1, None)
 MAX_K = (2**31 - 1) // (127 * 127)  # the longest contraction whose INT32 sum cannot overflow: 133,144
@@ -60,10 +61,12 @@ def quantize_rows(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     mode: str = "residual",
+    flags: torch.Tensor | None = None,
 ) -> Int8Blocks | FallbackOperand:
     """Row-scaled INT8 codes of ``x2d``; with ``tile`` (e.g. ``128x128``) outlier tiles fall back per ``mode``:
     ``residual`` (the module docstring) or ``hp`` (their codes zeroed, their product in bf16 with the other operand's
-    16-bit values).
+    16-bit values). ``flags``: the tiles' outlier flags when already known (see :func:`check_given_flags`), else
+    detected here.
 
     Reference implementation (torch ops, any device); the fused Triton quantizer produces the same codes."""
     if x2d.dim() != 2:
@@ -78,7 +81,10 @@ def quantize_rows(
     rows = x2d.shape[0]
     block = Granularity(1, tile_g.cols)
     block_amax = amax(x2d, block)
-    flags = detect_outlier_tiles(amax(block_amax, Granularity(tile_g.rows, 1)), threshold)
+    if flags is None:
+        flags = detect_outlier_tiles(amax(block_amax, Granularity(tile_g.rows, 1)), threshold)
+    else:
+        check_given_flags(flags, x2d.shape, tile_g)
     row_flags = expand_blocks(flags, rows, flags.shape[1], Granularity(tile_g.rows, 1))
     clean = torch.where(row_flags, 0.0, block_amax).amax(1, keepdim=True)
     row_amax = torch.where(clean > 0, clean, block_amax.amax(1, keepdim=True))
@@ -93,6 +99,18 @@ def quantize_rows(
     missed = torch.where(operand.element_mask(), x2d.float() - main.dequantize(torch.float32), 0.0)
     operand.residual = quantize_blocks(missed, ROW, rounding=rounding, generator=generator)
     return operand
+
+
+def check_given_flags(flags: torch.Tensor, shape: torch.Size | tuple[int, int], tile: Granularity) -> None:
+    """Given flags must be the tile grid's: the weight gradient passes the forward's flags of ``x``, transposed, for
+    ``xᵀ`` — the same square tiles transposed, with the median over the same tile amaxes, so the same flags that
+    detection would find (one detection fewer per layer and step)."""
+    rows, cols = shape
+    assert tile.rows is not None and tile.cols is not None
+    grid = (-(-rows // tile.rows), -(-cols // tile.cols))
+    if flags.dtype != torch.bool or tuple(flags.shape) != grid:
+        raise ValueError(f"Given fallback flags must be bool of the tile grid {grid} of a {rows}x{cols} operand in "
+                         f"{tile} tiles, got {flags.dtype} {tuple(flags.shape)}.")
 
 
 def reference_row_mm_nt(

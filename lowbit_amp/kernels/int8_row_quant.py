@@ -39,7 +39,7 @@ import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
 from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles
-from lowbit_amp.int8.row_scaled import ROW, quantize_rows
+from lowbit_amp.int8.row_scaled import ROW, check_given_flags, quantize_rows
 from lowbit_amp.kernels.int8_gemm import TILE_M, _interpreting, _Launcher
 from lowbit_amp.quant.granularity import Granularity
 
@@ -94,7 +94,7 @@ def _rows_per_program(rows: int) -> int:
 
 def triton_quantize_rows(
     x2d: torch.Tensor, block_k: int, fallback: bool, threshold: float, rows_per_program: int | None = None,
-    mode: str = "residual", split: bool | None = None,
+    mode: str = "residual", split: bool | None = None, flags: torch.Tensor | None = None,
 ) -> Int8Blocks | FallbackOperand:
     """Row-scaled INT8 codes of ``x2d``: ``quantize_rows(x2d, f"128x{block_k}", threshold, mode=mode)`` with
     ``fallback``, else ``quantize_rows(x2d)`` (``block_k`` then only sets the kernel's K step). Same return types and
@@ -103,7 +103,8 @@ def triton_quantize_rows(
 
     ``rows_per_program``: the row kernel's rows per program (a power of two dividing 128; default
     :func:`_rows_per_program`), for tests and tuning. ``split``: the K-split pass 2 (:func:`_use_split`; None:
-    for transposed inputs)."""
+    for transposed inputs). ``flags``: the outlier flags when already known (the reference's argument of that name):
+    the detection is skipped."""
     if block_k not in ROW_QUANT_KBLOCKS:
         raise ValueError(f"triton_quantize_rows: block_k={block_k} must be one of {ROW_QUANT_KBLOCKS}.")
     if rows_per_program is not None and (rows_per_program < 1 or TILE_M % rows_per_program):
@@ -114,8 +115,10 @@ def triton_quantize_rows(
         raise ValueError(f"Unknown fallback mode {mode!r}; use 'residual' or 'hp'.")
     rows, k_dim = x2d.shape
     tile = Granularity(TILE_M, block_k)
+    if flags is not None:
+        check_given_flags(flags, x2d.shape, tile)
     if rows == 0 or k_dim == 0:  # nothing to launch: the reference's result
-        return quantize_rows(x2d, tile if fallback else None, threshold, mode=mode)
+        return quantize_rows(x2d, tile if fallback else None, threshold, mode=mode, flags=flags)
     dev = x2d.device
     q = torch.empty(rows, k_dim, dtype=torch.int8, device=dev)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=dev)
@@ -126,7 +129,7 @@ def triton_quantize_rows(
     consts = {"TILE_M": TILE_M, "RB": rb, "BK": block_k, "CH": _AMAX_CHUNK, "N_KB": n_kb, "STAGES": _STAGES}
     warps = min(8, max(1, rb * block_k // 256))  # 8 elements (16 bytes of bf16) per thread per load
     if use_split:
-        return _quantize_split(x2d, q, scale, block_k, fallback, threshold, mode, consts, warps)
+        return _quantize_split(x2d, q, scale, block_k, fallback, threshold, mode, consts, warps, flags)
     if not fallback:
         _launch_row_quantize(
             grid, (x2d, scale, q, q, scale, q, scale),  # amax, flags, q2, scale2: placeholders, never read
@@ -135,7 +138,8 @@ def triton_quantize_rows(
         )
         return Int8Blocks(q, scale, ROW)
     block_amax, tile_amax = _block_amaxes(x2d, block_k, n_kb)
-    flags = detect_outlier_tiles(tile_amax, threshold)
+    if flags is None:
+        flags = detect_outlier_tiles(tile_amax, threshold)
     flag_bytes = flags.view(torch.uint8)
     hp = mode == "hp"
     q2 = q if hp else torch.empty_like(q)  # written inside flagged tiles only (never with hp)
@@ -166,12 +170,13 @@ def _block_amaxes(x2d: torch.Tensor, block_k: int, n_kb: int) -> tuple[torch.Ten
 
 
 def _quantize_split(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_k: int, fallback: bool,
-                    threshold: float, mode: str, consts: dict, warps: int) -> Int8Blocks | FallbackOperand:
+                    threshold: float, mode: str, consts: dict, warps: int,
+                    given: torch.Tensor | None) -> Int8Blocks | FallbackOperand:
     """Pass 1 (block amaxes, with or without fallback), the flags, then the K-split pass 2."""
     rows, k_dim = x2d.shape
     n_kb = consts["N_KB"]
     block_amax, tile_amax = _block_amaxes(x2d, block_k, n_kb)
-    flags = detect_outlier_tiles(tile_amax, threshold) if fallback else None
+    flags = (given if given is not None else detect_outlier_tiles(tile_amax, threshold)) if fallback else None
     flag_bytes = flags.view(torch.uint8) if flags is not None else q
     row_blocks = math.ceil(rows / consts["RB"])
     per = _kblocks_per_program(row_blocks, n_kb)

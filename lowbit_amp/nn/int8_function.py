@@ -15,7 +15,9 @@ which differs between GEMMs, so forward saves the high-precision input and backw
 operands just in time (as the FP8 path does for block granularities). Square weight blocks transpose for free. The
 weight gradient comes out in the weight's dtype (FP32 at O2+, where it is encoded to FP8) and goes to
 ``layer._weight_grad_output``. ``layer.fallback_fraction`` holds the fraction of the forward input's tiles that fell
-back in the last forward (a device tensor, updated without a host sync).
+back in the last forward (a device tensor, updated without a host sync). With the row layout the weight gradient's
+``xᵀ`` takes the forward's flags of ``x``, transposed, instead of detecting them again (the same square tiles, so the
+same flags; :func:`_flags_for_transpose`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from lowbit_amp.int8.activation import quantize_act, quantize_weight
 from lowbit_amp.int8.block_quant import Int8Blocks
 from lowbit_amp.int8.fallback import FallbackOperand
 from lowbit_amp.int8.reference_gemm import int8_block_mm_nt
+from lowbit_amp.int8.row_scaled import ROW
+from lowbit_amp.quant.granularity import Granularity
 
 if TYPE_CHECKING:
+    from lowbit_amp.config import Int8Config
     from lowbit_amp.nn.linear import LowBitLinear
 
 
@@ -52,6 +57,17 @@ def _weight_blocks(layer: "LowBitLinear", weight: torch.Tensor, transposed: bool
     return cache[2]
 
 
+def _flags_for_transpose(a: FallbackOperand, cfg: "Int8Config") -> torch.Tensor | None:
+    """The forward's outlier flags of ``x``, transposed: exactly what detection would find for ``xᵀ`` in the weight
+    gradient when the tiles are square (the same tiles, transposed; the median over the same tile amaxes), so the
+    backward skips that detection — one kernel launch per layer and step, and on CUDA a one-program median kernel.
+    Row layout only (its quantizer takes given flags)."""
+    tile = a.tile
+    if Granularity.parse(cfg.act_block) != ROW or tile.rows != tile.cols:
+        return None
+    return a.flags.t()
+
+
 class Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -64,8 +80,10 @@ class Int8LinearFunction(torch.autograd.Function):
         cfg = layer.lb_config.int8
         x2d = x.reshape(-1, x.shape[-1])
         a = quantize_act(x2d, cfg, cfg.fallback)
+        ctx.x_flags = None
         if isinstance(a, FallbackOperand):
             layer.fallback_fraction.copy_(a.fraction)
+            ctx.x_flags = _flags_for_transpose(a, cfg)
         hp_b = weight.detach() if cfg.fallback and cfg.fallback_mode == "hp" else None
         y = int8_block_mm_nt(a, _weight_blocks(layer, weight, False), x.dtype, bias, b_hp=hp_b)
         ctx.layer = layer
@@ -94,7 +112,7 @@ class Int8LinearFunction(torch.autograd.Function):
         if need_dw:
             x_t = x2d.t()
             dy_t = dy2d.t()
-            x_a = quantize_act(x_t, cfg, cfg.fallback)
+            x_a = quantize_act(x_t, cfg, cfg.fallback, flags=ctx.x_flags)
             dy_b = quantize_act(dy_t, cfg, False, rounding)
             # In the weight's dtype when that is what autograd gets (weight_grad 'hp'): the epilogue's rounding equals
             # .to(dtype) of the FP32 result, and the transposing copy moves half the bytes (0.34 ms per 4096x14336

@@ -107,3 +107,17 @@ def test_row_quantizer_k_split_on_transposed_views_on_gpu(shape: tuple[int, int]
     hp_ref = quantize_rows(xt, "128x128", 6.0, mode="hp")
     assert torch.equal(hp_ref.flags, hp_tri.flags) and bool(hp_ref.flags.any())
     assert torch.equal(hp_ref.main.scale, hp_tri.main.scale) and torch.equal(hp_ref.main.q, hp_tri.main.q)
+
+
+@pytest.mark.parametrize("mode", ["residual", "hp"])
+def test_row_quantizer_with_given_flags_on_gpu(mode: str) -> None:
+    """The weight gradient's xᵀ with the forward's flags of x, transposed (a transposed bool view read by the kernels
+    through its strides): the reference's codes, scales and flags, with no detection."""
+    from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
+
+    x = _data(8192, 4096, True, torch.bfloat16)
+    fwd = triton_quantize_rows(x, 128, True, 6.0, mode=mode)
+    tri = triton_quantize_rows(x.t(), 128, True, 6.0, mode=mode, flags=fwd.flags.t())
+    ref = quantize_rows(x.t(), "128x128", 6.0, mode=mode)
+    assert bool(ref.flags.any()) and torch.equal(ref.flags, tri.flags)
+    assert torch.equal(ref.main.q, tri.main.q) and torch.equal(ref.main.scale, tri.main.scale)

@@ -101,6 +101,16 @@ def test_row_quantizer_in_interpreter_matches_reference() -> None:
         xt = torch.randn(2100, 200, generator=g).t()  # 33 K blocks of 64: K groups of 2, the last one ragged
         xt[60:128:5, 0:900] *= 50.0
         assert check_split(xt, 64) > 0
+        # the forward's flags of x, transposed, given for xᵀ (the weight gradient's reuse): no detection, same result
+        x = torch.randn(300, 260, generator=g)
+        x[0:128:7, 130:200] *= 90.0
+        x = x.bfloat16()
+        fwd = quantize_rows(x, "128x128", 6.0)
+        for mode in ("residual", "hp"):
+            ref = quantize_rows(x.t(), "128x128", 6.0, mode=mode)
+            tri = triton_quantize_rows(x.t(), 128, True, 6.0, mode=mode, flags=fwd.flags.t())
+            assert bool(ref.flags.any()) and torch.equal(ref.flags, tri.flags)
+            assert torch.equal(ref.main.q, tri.main.q) and torch.equal(ref.main.scale, tri.main.scale)
         try:
             triton_quantize_rows(xt, 64, True, 6.0, split=True)
             raise AssertionError("split=True with residual fallback must be refused")
