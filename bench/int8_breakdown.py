@@ -175,9 +175,47 @@ def quant_sweep() -> None:
             print(f"  {feat}x{tokens} (xᵀ of {tokens}x{feat}) fallback={fallback}: {cells}  codes equal: {same}")
 
 
+def flags_sweep() -> None:
+    """GPU time of the fallback detector alone (one-program median kernel; 30 calls per INT8 anchor step, never timed
+    on its own) next to torch's kthvalue and median, at the anchor's tile counts (8192 tokens: 64 x 32, 64 x 112,
+    96 x 64 tiles) and the kernel's largest. Decides whether a faster median (fewer block-wide reductions than its 31
+    bisection steps) is worth writing."""
+    from lowbit_amp.kernels.outlier_flags import triton_outlier_flags
+
+    print("\n== fallback detector: GPU time per call (ms, kernels' CUDA time from the profiler; wall per call) ==")
+    for shape in [(64, 32), (64, 112), (96, 64), (128, 256)]:
+        amax = torch.rand(shape, device="cuda") + 0.5
+        amax[::7, ::5] *= 30.0
+        fns = {"kernel": lambda a=amax: triton_outlier_flags(a, 6.0),
+               "kthvalue": lambda a=amax: a.flatten().kthvalue((a.numel() - 1) // 2 + 1),
+               "median": lambda a=amax: a.flatten().median()}
+        cells = []
+        for name, fn in fns.items():
+            cells.append(f"{name} {_gpu_ms(fn):.4f} (wall {_ms(fn, reps=50):.4f})")
+        print(f"  {shape[0]}x{shape[1]} tiles: " + "  ".join(cells))
+
+
+def _gpu_ms(fn, reps: int = 50) -> float:  # type: ignore[no-untyped-def]
+    """Sum of the CUDA kernel time per call (torch.profiler): GPU time even where the host bounds the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total and not e.cpu_children)
+    return total_us / reps / 1000.0
+
+
 def main(variants: list[str]) -> None:
     if variants and variants[0] == "--quant":
         quant_sweep()
+        return
+    if variants and variants[0] == "--flags":
+        flags_sweep()
         return
     if variants and variants[0] == "--host":
         for v in variants[1:] or ["lowbit_int8row_eager"]:

@@ -174,6 +174,7 @@ case "${1:-checks}" in
       -k "mfb or given_flags" 2>&1 | tail -2
     timeout 120 python bench/bench_int8.py --configs none --row r256_w8_s4_1mma_g16,r256_w8_s4_1mma_g16_mfb \
       --out "$OUT" 2>&1 | grep -E "row r|bf16 "
+    timeout 60 python bench/int8_breakdown.py --flags 2>&1 | tail -5  # the detector's GPU time, never measured alone
     BENCH_VARIANTS=bf16_eager,lowbit_int8_eager timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
     INT8_ROW_CONFIG=r256_w8_s4_1mma_g16_mfb BENCH_VARIANTS=bf16_eager,lowbit_int8_eager \
       timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
