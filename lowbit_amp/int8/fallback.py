@@ -60,6 +60,14 @@ class FallbackOperand:
         """Fraction of tiles that fell back, as a 0-d float32 tensor (no host sync)."""
         return self.flags.float().mean() if self.flags.numel() else torch.zeros((), device=self.flags.device)
 
+    def fraction_into(self, out: torch.Tensor) -> None:
+        """:attr:`fraction` written into the 0-d ``out`` by one reduction (the layer's per-forward monitor buffer: one
+        launch instead of a cast, a mean and a copy)."""
+        if self.flags.numel():
+            torch.mean(self.flags, dim=tuple(range(self.flags.dim())), dtype=out.dtype, out=out)
+        else:
+            out.zero_()
+
     def element_mask(self) -> torch.Tensor:
         """Bool ``(rows, cols)``: True at elements inside a fallback tile."""
         return expand_blocks(self.flags, *self.main.q.shape, self.tile)

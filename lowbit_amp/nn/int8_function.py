@@ -82,7 +82,7 @@ class Int8LinearFunction(torch.autograd.Function):
         a = quantize_act(x2d, cfg, cfg.fallback)
         ctx.x_flags = None
         if isinstance(a, FallbackOperand):
-            layer.fallback_fraction.copy_(a.fraction)
+            a.fraction_into(layer.fallback_fraction)
             ctx.x_flags = _flags_for_transpose(a, cfg)
         hp_b = weight.detach() if cfg.fallback and cfg.fallback_mode == "hp" else None
         y = int8_block_mm_nt(a, _weight_blocks(layer, weight, False), x.dtype, bias, b_hp=hp_b)

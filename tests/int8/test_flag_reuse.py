@@ -89,3 +89,15 @@ def test_layer_detects_twice_per_step_and_gradients_are_unchanged(mode: str, mon
     assert len(calls) == 3
     for a, b in zip(reused, detected):
         assert torch.equal(a, b)
+
+
+def test_fraction_into_equals_fraction() -> None:
+    """The layer's monitor buffer gets the fallback fraction in one reduction; the same value as ``fraction``."""
+    x = _data(300, 260, "outliers")
+    op = quantize_rows(x, "128x128", 6.0, mode="hp")
+    out = torch.full((), -1.0)
+    op.fraction_into(out)
+    assert float(out) > 0 and torch.equal(out, op.fraction)
+    none = quantize_rows(torch.zeros(0, 260), "128x128", 6.0, mode="hp")
+    none.fraction_into(out)
+    assert float(out) == 0.0
