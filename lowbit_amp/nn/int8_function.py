@@ -39,7 +39,17 @@ if TYPE_CHECKING:
 
 
 def _weight_blocks(layer: "LowBitLinear", weight: torch.Tensor, transposed: bool) -> Int8Blocks:
-    """The INT8 weight (or its transpose), quantized at most once per weight version (once per optimizer step)."""
+    """The INT8 weight (or its transpose), quantized at most once per weight version (once per optimizer step).
+
+    Under ``torch.compile`` the cache (Python-side state keyed by ``data_ptr``, a data-dependent value Dynamo cannot
+    guard on: a graph break per layer) is bypassed and the weight quantized in every call, as the FP8 path does."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            w = weight.detach()
+            if not transposed:
+                return quantize_weight(w, layer.lb_config.int8)
+            blocks = quantize_weight(w, layer.lb_config.int8)
+            return blocks.t() if blocks.block.rows == blocks.block.cols else quantize_weight(w.t(), layer.lb_config.int8)
     key = (weight._version, weight.data_ptr(), "int8")
     cache = layer._weight_cache
     if cache is None or cache[0] != key:
