@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
+from lowbit_amp.int8.compiled_ops import compiled_quantize_rows, use_compiled_ops
 from lowbit_amp.int8.fallback import FallbackOperand, quantize_with_fallback
 from lowbit_amp.int8.row_scaled import ROW, quantize_rows
 from lowbit_amp.quant.granularity import Granularity
@@ -63,6 +64,8 @@ def quantize_weight(w: torch.Tensor, cfg: Int8Config) -> Int8Blocks:
     Row-scaled weights take the fused row quantizer on CUDA (no fallback: the same codes and scales as the reference,
     GPU-tested): the reference's torch ops took 9.7 ms per anchor step for W and 12.5 ms for Wᵀ (strided reads), a
     third of the INT8 step (H200 run w, 2026-12-02). Block-scaled weights take the reference."""
+    if Granularity.parse(cfg.weight_block) == ROW and use_compiled_ops(w, ROW, "nearest"):
+        return compiled_quantize_rows(w, Granularity(128, 128), 0.0, False, "residual", None)  # type: ignore[return-value]
     if Granularity.parse(cfg.weight_block) == ROW and w.is_cuda:
         from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
 
@@ -85,6 +88,8 @@ def quantize_act(
     act = Granularity.parse(cfg.act_block)
     tile = Granularity.parse(cfg.fallback_block)
     if act == ROW:
+        if backend == "auto" and use_compiled_ops(x2d, act, rounding):  # torch.compile: the op (compiled_ops.py)
+            return compiled_quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, flags)
         return _quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, rounding, generator,
                               backend, flags)
     if flags is not None:

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
+from lowbit_amp.int8.compiled_ops import compiled_row_mm, use_compiled_ops
 from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp
-from lowbit_amp.int8.row_scaled import finish_gemm, is_row_scaled, reference_row_mm_nt, row_mm_chunked
+from lowbit_amp.int8.row_scaled import ROW, finish_gemm, is_row_scaled, reference_row_mm_nt, row_mm_chunked
 from lowbit_amp.quant.granularity import Granularity
 
 __all__ = ["int8_block_mm_nt", "int_mm_nt"]
@@ -120,6 +121,8 @@ def int8_block_mm_nt(
         raise ValueError(f"Unknown INT8 GEMM backend {backend!r}; use one of {list(BACKENDS)}.")
     main = main_of(a)
     if is_row_scaled(main) and is_row_scaled(b):
+        if backend == "auto" and use_compiled_ops(main.q, ROW, "nearest"):  # torch.compile: the op (compiled_ops.py)
+            return compiled_row_mm(a, b, out_dtype, bias, b_hp)
         if backend != "reference" and main.q.is_cuda:
             from lowbit_amp.kernels.int8_row_gemm import row_kernel_supports, triton_row_mm_nt
 

@@ -197,3 +197,33 @@ def test_int8_layers_compile_in_one_graph_and_match_eager(backend: str, preset: 
     for f_c, f_e in fractions:
         assert torch.equal(f_c, f_e)
     torch._dynamo.reset()
+
+
+def test_int8_row_layers_compile_through_the_int8_ops() -> None:
+    """The row layout's quantizer and GEMM appear in the compiled forward and backward graphs as the opaque
+    ``lowbit_amp::int8_quantize_rows`` / ``int8_row_mm`` ops (lowbit_amp/int8/compiled_ops.py): what lets CUDA's Triton
+    launchers, which Dynamo cannot trace, sit inside a graph."""
+    import warnings
+
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    import lowbit_amp as amp
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = amp.initialize(model, opt_level="int8")
+    graphs: list[str] = []
+
+    def keep(gm, _inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    compiled(torch.randn(4, 64, 256, requires_grad=True)).square().mean().backward()
+    assert len(graphs) == 2
+    for code in graphs:  # forward: x and W per layer; backward: dy, Wᵀ, xᵀ, dyᵀ per layer
+        assert "lowbit_amp.int8_quantize_rows" in code and "lowbit_amp.int8_row_mm" in code
+    torch._dynamo.reset()
