@@ -89,7 +89,8 @@ def _operand(aq, ascale, flags, q2, scale2, a_hp, tile):  # type: ignore[no-unty
     return FallbackOperand(main, tile, flags, "residual", residual=Int8Blocks(q2, scale2, ROW))
 
 
-def _mm_impl(aq, ascale, bq, bscale, flags, q2, scale2, a_hp, b_hp, bias, tile_rows, tile_cols, out_dtype):  # type: ignore[no-untyped-def]
+def _mm_impl(aq, ascale, bq, bscale, flags, q2, scale2, a_hp, b_hp, bias,  # type: ignore[no-untyped-def]
+             tile_rows, tile_cols, out_dtype):
     from lowbit_amp.int8.reference_gemm import int8_block_mm_nt
 
     a = _operand(aq, ascale, flags, q2, scale2, a_hp, Granularity(tile_rows, tile_cols))
@@ -100,7 +101,8 @@ _LIB.impl("int8_row_mm", _mm_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lowbit_amp::int8_row_mm", lib=_LIB)
-def _mm_fake(aq, ascale, bq, bscale, flags, q2, scale2, a_hp, b_hp, bias, tile_rows, tile_cols, out_dtype):  # type: ignore[no-untyped-def]
+def _mm_fake(aq, ascale, bq, bscale, flags, q2, scale2, a_hp, b_hp, bias,  # type: ignore[no-untyped-def]
+             tile_rows, tile_cols, out_dtype):
     return aq.new_empty((aq.shape[0], bq.shape[0]), dtype=out_dtype)
 
 
@@ -134,7 +136,8 @@ def compiled_row_mm(a: Int8Blocks | FallbackOperand, b: Int8Blocks, out_dtype: t
         scale2 = a.residual.scale if a.residual is not None else empty32
         a_hp = a.hp if a.mode == "hp" else None
     else:
-        tile, flags, q2, scale2, a_hp = Granularity(1, 1), main.q.new_empty((0, 0), dtype=torch.bool), empty8, empty32, None
+        tile, q2, scale2, a_hp = Granularity(1, 1), empty8, empty32, None
+        flags = main.q.new_empty((0, 0), dtype=torch.bool)
     assert tile.rows is not None and tile.cols is not None
     return torch.ops.lowbit_amp.int8_row_mm(main.q, main.scale, b.q, b.scale, flags, q2, scale2, a_hp,
                                             b_hp if a_hp is not None else None, bias, tile.rows, tile.cols, out_dtype)

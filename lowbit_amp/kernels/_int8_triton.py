@@ -385,7 +385,8 @@ def _row_hp_half(out, a2_src, b2_src, fb_idx_ptr, count, pid_m, off_m, off_n, of
 
 @triton.jit
 def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr,
-                  pid_m, off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn, s_fb, FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                  pid_m, off_m, off_n, offs_m, offs_n, m_ok, n_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn, s_fb,
+                  FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                   N_KB: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr, DYNAMIC_FB: tl.constexpr,
                   FB_STAGES: tl.constexpr, C_TMA: tl.constexpr, FB_TMA: tl.constexpr):
     """One N half: promote, add the fallback, scale, store (see int8_row_mm_kernel). ``FB_TMA``: the fallback's own
