@@ -398,6 +398,11 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"INT8_ROW_CONFIG={row_config!r}: not one of {sorted(int8_row_gemm.ROW_CONFIGS)}")
         int8_row_gemm.DEFAULT_ROW_CONFIG = row_config
         META["int8_row_config"] = row_config
+    if os.environ.get("INT8_COMPILED_OPS") == "1":  # INT8 under torch.compile through its ops on CUDA (compiled_ops.py)
+        from lowbit_amp.int8 import compiled_ops
+
+        compiled_ops.CUDA_ENABLED = True
+        META["int8_compiled_ops"] = True
     print(json.dumps(META))
     what = argv or ["cast", "linear", "e2e_big", "e2e_small"]
     for section in what:

@@ -174,6 +174,8 @@ case "${1:-checks}" in
       -k "mfb or given_flags" 2>&1 | tail -2
     # (3) INT8 under torch.compile through the ops (if it passes: lowbit_amp/int8/compiled_ops.py CUDA_ENABLED = True)
     timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_compiled_ops_gpu.py 2>&1 | tail -2
+    INT8_COMPILED_OPS=1 BENCH_VARIANTS=bf16_compile,lowbit_int8_compile,lowbit_int8_eager \
+      timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -4  # INT8 compiled vs bf16 compiled
     timeout 120 python bench/bench_int8.py --configs none --row r256_w8_s4_1mma_g16,r256_w8_s4_1mma_g16_mfb \
       --out "$OUT" 2>&1 | grep -E "row r|bf16 "
     timeout 60 python bench/int8_breakdown.py --flags 2>&1 | tail -5  # the detector's GPU time, never measured alone
