@@ -169,7 +169,8 @@ case "${1:-checks}" in
     # forward's flags for xᵀ (on by default; interpreter- and CPU-tested; its GPU test here); (2) the row GEMM's hp
     # fallback with both N halves in one loop (r256_w8_s4_1mma_g16_mfb; compiled on CPU, spill-free, interpreter-checked
     # with fp32 operands, never run on a GPU). If the tests pass and the GEMM / anchor step are faster, make mfb
-    # DEFAULT_ROW_CONFIG (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md; (3) below. ~7 min.
+    # DEFAULT_ROW_CONFIG (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md; (3) below. ~11 min
+    # (over 600 s: split it into two calls at the "(3)" line).
     timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py tests/int8/test_row_quant_gpu.py \
       -k "mfb or given_flags" 2>&1 | tail -2
     # (3) INT8 under torch.compile through the ops (if it passes: lowbit_amp/int8/compiled_ops.py CUDA_ENABLED = True)
