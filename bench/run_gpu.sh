@@ -12,7 +12,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh s18      # START HERE next session: the merged hp fallback loop (GPU test, GEMM, anchor step)
+#   bash bench/run_gpu.sh s18      # START HERE next session: flag reuse + merged hp fallback loop (GPU tests, GEMM, anchor)
+#   bash bench/run_gpu.sh s18b     # then: INT8 under torch.compile through its ops (GPU test, compiled anchor step)
 #   bash bench/run_gpu.sh s17a..s17f  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
 #   bash bench/run_gpu.sh int8quant  # the row quantizer on transposed views (ran in s17b/zc)
 #   bash bench/run_gpu.sh next_parity2 # then: the stochastic-rounding recipe's GPU parity + unit scaling at lr 1.5e-3
@@ -168,21 +169,24 @@ case "${1:-checks}" in
     # START HERE (written 2026-12-02 after that session's device time): (1) the weight gradient's reuse of the
     # forward's flags for xᵀ (on by default; interpreter- and CPU-tested; its GPU test here); (2) the row GEMM's hp
     # fallback with both N halves in one loop (r256_w8_s4_1mma_g16_mfb; compiled on CPU, spill-free, interpreter-checked
-    # with fp32 operands, never run on a GPU). If the tests pass and the GEMM / anchor step are faster, make mfb
-    # DEFAULT_ROW_CONFIG (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md; (3) below. ~11 min
-    # (over 600 s: split it into two calls at the "(3)" line).
+    # with fp32 operands, never run on a GPU): if its test passes and the GEMM / anchor step are faster, make it
+    # DEFAULT_ROW_CONFIG (lowbit_amp/kernels/int8_row_gemm.py) and record the numbers in docs/int8.md. ~6 min.
+    # Then s18b.
     timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py tests/int8/test_row_quant_gpu.py \
       -k "mfb or given_flags" 2>&1 | tail -2
-    # (3) INT8 under torch.compile through the ops (if it passes: lowbit_amp/int8/compiled_ops.py CUDA_ENABLED = True)
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_compiled_ops_gpu.py 2>&1 | tail -2
-    INT8_COMPILED_OPS=1 BENCH_VARIANTS=bf16_compile,lowbit_int8_compile,lowbit_int8_eager \
-      timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -4  # INT8 compiled vs bf16 compiled
     timeout 120 python bench/bench_int8.py --configs none --row r256_w8_s4_1mma_g16,r256_w8_s4_1mma_g16_mfb \
       --out "$OUT" 2>&1 | grep -E "row r|bf16 "
     timeout 60 python bench/int8_breakdown.py --flags 2>&1 | tail -5  # the detector's GPU time, never measured alone
     BENCH_VARIANTS=bf16_eager,lowbit_int8_eager timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
     INT8_ROW_CONFIG=r256_w8_s4_1mma_g16_mfb BENCH_VARIANTS=bf16_eager,lowbit_int8_eager \
       timeout 100 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -2
+    ;;
+  s18b)
+    # (3) INT8 under torch.compile through its ops on CUDA (written 2026-12-02 without device time): the GPU test — if
+    # it passes set lowbit_amp/int8/compiled_ops.py CUDA_ENABLED = True — then compiled INT8 vs compiled bf16. ~6 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/int8/test_compiled_ops_gpu.py 2>&1 | tail -2
+    INT8_COMPILED_OPS=1 BENCH_VARIANTS=bf16_compile,lowbit_int8_compile,lowbit_int8_eager \
+      timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -4
     ;;
   s17f)
     # Session 17's last call (2026-12-02): the compiled cast op folding the amax into the state in place (no traced

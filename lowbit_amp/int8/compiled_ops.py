@@ -13,8 +13,8 @@ the hp operand's 16-bit values are the caller's ``x`` (not returned), and given 
 
 Routing (:func:`use_compiled_ops`): only while compiling, only row-scaled operands with round-to-nearest, and on CUDA
 only when :data:`CUDA_ENABLED` — written 2026-12-02 after that session's device time, tested on CPU through the same
-ops (tests/nn/test_compile.py); the GPU test is queued (``bash bench/run_gpu.sh s18``), until it passes CUDA keeps the
-eager launchers (graph breaks).
+ops (tests/nn/test_compile.py); the GPU test is queued (``bash bench/run_gpu.sh s18b``). Until it passes, CUDA keeps
+the eager launchers (graph breaks).
 """
 
 from __future__ import annotations
