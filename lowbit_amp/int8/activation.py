@@ -14,7 +14,7 @@ import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
 from lowbit_amp.int8.compiled_ops import compiled_quantize_rows, use_compiled_ops
-from lowbit_amp.int8.fallback import FallbackOperand, quantize_with_fallback
+from lowbit_amp.int8.fallback import HP_DTYPE, FallbackOperand, quantize_with_fallback
 from lowbit_amp.int8.row_scaled import ROW, quantize_rows
 from lowbit_amp.quant.granularity import Granularity
 
@@ -52,7 +52,7 @@ def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallb
                 # for the fused residual at 16384x4096, H200 run s)
                 op.main.q.masked_fill_(op.element_mask(), 0)
                 op.mode, op.residual = "hp", None
-                op.hp = x2d if x2d.dtype == torch.bfloat16 else x2d.to(torch.bfloat16)
+                op.hp = x2d.to(HP_DTYPE)  # a view when x2d is bf16 already
             return op
         return triton_quantize_rows(x2d, tile.cols, fallback, threshold, mode=mode, flags=given)  # type: ignore[arg-type]
     return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode, given)
@@ -64,9 +64,10 @@ def quantize_weight(w: torch.Tensor, cfg: Int8Config) -> Int8Blocks:
     Row-scaled weights take the fused row quantizer on CUDA (no fallback: the same codes and scales as the reference,
     GPU-tested): the reference's torch ops took 9.7 ms per anchor step for W and 12.5 ms for Wᵀ (strided reads), a
     third of the INT8 step (H200 run w, 2026-12-02). Block-scaled weights take the reference."""
-    if Granularity.parse(cfg.weight_block) == ROW and use_compiled_ops(w, ROW, "nearest"):
+    row = Granularity.parse(cfg.weight_block) == ROW
+    if row and use_compiled_ops(w, ROW, "nearest"):
         return compiled_quantize_rows(w, Granularity(128, 128), 0.0, False, "residual", None)  # type: ignore[return-value]
-    if Granularity.parse(cfg.weight_block) == ROW and w.is_cuda:
+    if row and w.is_cuda:
         from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
 
         return triton_quantize_rows(w, 128, False, threshold=0.0)  # type: ignore[return-value]  # (no fallback)

@@ -118,7 +118,7 @@ def compiled_quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: floa
         return main
     used = flags if flags is not None else out_flags
     if hp:
-        return FallbackOperand(main, tile, used, "hp", hp=x2d if x2d.dtype == HP_DTYPE else x2d.to(HP_DTYPE))
+        return FallbackOperand(main, tile, used, "hp", hp=x2d.to(HP_DTYPE))
     return FallbackOperand(main, tile, used, "residual", residual=Int8Blocks(q2, scale2, ROW))
 
 

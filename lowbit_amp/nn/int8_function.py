@@ -43,28 +43,30 @@ def _weight_blocks(layer: "LowBitLinear", weight: torch.Tensor, transposed: bool
 
     Under ``torch.compile`` the cache (Python-side state keyed by ``data_ptr``, a data-dependent value Dynamo cannot
     guard on: a graph break per layer) is bypassed and the weight quantized in every call, as the FP8 path does."""
+    cfg = layer.lb_config.int8
     if torch.compiler.is_compiling():
-        with torch.no_grad():
-            w = weight.detach()
-            if not transposed:
-                return quantize_weight(w, layer.lb_config.int8)
-            blocks = quantize_weight(w, layer.lb_config.int8)
-            return blocks.t() if blocks.block.rows == blocks.block.cols else quantize_weight(w.t(), layer.lb_config.int8)
+        blocks = _quantized(weight, cfg)
+        return _transposed(blocks, weight, cfg) if transposed else blocks
     key = (weight._version, weight.data_ptr(), "int8")
     cache = layer._weight_cache
     if cache is None or cache[0] != key:
-        with torch.no_grad():
-            blocks = quantize_weight(weight.detach(), layer.lb_config.int8)
-        layer._weight_cache = cache = (key, blocks, None, None)
+        layer._weight_cache = cache = (key, _quantized(weight, cfg), None, None)
     if not transposed:
         return cache[1]
     if cache[2] is None:
-        blocks = cache[1]
-        with torch.no_grad():
-            blocks_t = blocks.t() if blocks.block.rows == blocks.block.cols else quantize_weight(
-                weight.detach().t(), layer.lb_config.int8)
-        layer._weight_cache = cache = (key, cache[1], blocks_t, None)
+        layer._weight_cache = cache = (key, cache[1], _transposed(cache[1], weight, cfg), None)
     return cache[2]
+
+
+@torch.no_grad()
+def _quantized(weight: torch.Tensor, cfg: "Int8Config") -> Int8Blocks:
+    return quantize_weight(weight.detach(), cfg)
+
+
+@torch.no_grad()
+def _transposed(blocks: Int8Blocks, weight: torch.Tensor, cfg: "Int8Config") -> Int8Blocks:
+    """Wᵀ's codes: square blocks transpose for free, others (rows) are quantized again from Wᵀ."""
+    return blocks.t() if blocks.block.rows == blocks.block.cols else quantize_weight(weight.detach().t(), cfg)
 
 
 def _flags_for_transpose(a: FallbackOperand, cfg: "Int8Config") -> torch.Tensor | None:
