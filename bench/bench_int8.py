@@ -4,6 +4,11 @@ Run: PYTHONPATH=. python bench/bench_int8.py [--out DIR] [--configs all|default|
      [--extra ptr,interleave,fb1]      (writes bench_int8.json; docs/int8.md used --extra fb1 --top 2)
      [--row all|NAME,...]              also the row-scaled GEMM (lowbit_amp/int8/row_scaled.py) per config, without
                                        and with its residual fallback; --configs none skips the block-scaled ones
+     [--rounds N]                      then N interleaved rounds of bf16 and the default row GEMM (each mode), the
+                                       ratio taken per round (median and range reported) with the GPU's SM clock,
+                                       power and temperature after each round: bf16's time moved 0.71-0.83 ms at
+                                       16384x4096x4096 between runs while ours stayed at 0.517, so one ratio per run
+                                       is not enough
 
 Per shape: x (M, K) bf16 with outliers injected into a random 5% of its 128x128 tiles, W (N, K) bf16. Timed (median
 of CUDA-event runs, triton.testing.do_bench), all in the same process: bf16 ``x @ Wᵀ``; ``torch._int_mm`` on
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="extra variants: ptr,interleave,fb1")
     parser.add_argument("--top", type=int, default=3, help="how many of the fastest configs run with fallback")
     parser.add_argument("--row", default="", help="row-scaled GEMM configs: all or NAME,... (empty: none)")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved bf16 / row-GEMM rounds (0: none)")
     args = parser.parse_args()
     parser_extra = args.extra.split(",") if args.extra else []
     variants = dict(CONFIGS)
@@ -120,6 +126,8 @@ def main() -> None:
                                        "vs_bf16": res["bf16_ms"] / best_t, "vs_int_mm": res["int_mm_ms"] / best_t}
         if args.row:
             run_row(args, res, x, w, bench, flops)
+        if args.rounds:
+            run_rounds(args.rounds, res, x, w, bench)
         res["quantize_residual_ms"] = bench(lambda: triton_quantize_act(x, 128, True, args.threshold, "residual"))
         res["quantize_none_ms"] = bench(lambda: triton_quantize_act(x, 128, False, args.threshold))
         if "best_residual" in res:
@@ -194,6 +202,52 @@ def run_row(args: argparse.Namespace, res: dict, x: torch.Tensor, w: torch.Tenso
         res[f"row_quantize_{mode}_ms"], res[f"row_quant_plus_gemm_{mode}_ms"] = tq, tqg
         print(f"  row quantize x ({mode}) {tq:.3f} ms; quantize + GEMM {tqg:.3f} ms = {res['bf16_ms'] / tqg:.2f}x bf16",
               flush=True)
+
+def _gpu_state() -> str:
+    """The SM clock (MHz), power draw (W) and temperature (C) now, from nvidia-smi ("" where it is missing)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
+
+
+def run_rounds(rounds: int, res: dict, x: torch.Tensor, w: torch.Tensor, bench) -> None:
+    """bf16 and the default row GEMM (none / residual / hp fallback, operands pre-quantized) timed in ``rounds``
+    interleaved rounds, so that both see the same clocks and temperature; the ratio is taken per round."""
+    import statistics
+
+    from lowbit_amp.int8.row_scaled import quantize_rows
+    from lowbit_amp.kernels.int8_row_gemm import DEFAULT_ROW_CONFIG, triton_row_mm_nt
+
+    wq = quantize_rows(w)
+    ops = {"none": quantize_rows(x), "residual": quantize_rows(x, "128x128", 6.0),
+           "hp": quantize_rows(x, "128x128", 6.0, mode="hp")}
+    fns = {"bf16": lambda: x @ w.t()}
+    for mode, op in ops.items():
+        fns[mode] = (lambda op=op: triton_row_mm_nt(op, wq, torch.bfloat16, config=DEFAULT_ROW_CONFIG, b_hp=w))
+    log: list[dict] = []
+    for i in range(rounds):
+        times = {name: bench(fn) for name, fn in fns.items()}
+        times["gpu_state"] = _gpu_state()
+        log.append(times)
+        ratios = "  ".join(f"{mode} {times['bf16'] / times[mode]:.3f}x" for mode in ops)
+        print(f"  round {i}: bf16 {times['bf16']:.3f} ms  {ratios}  (sm MHz, W, C: {times['gpu_state']})", flush=True)
+    summary = {}
+    for mode in ops:
+        r = [t["bf16"] / t[mode] for t in log]
+        summary[mode] = {"median": statistics.median(r), "min": min(r), "max": max(r),
+                         "ms_median": statistics.median(t[mode] for t in log)}
+    summary["bf16_ms_median"] = statistics.median(t["bf16"] for t in log)
+    res["rounds"] = {"config": DEFAULT_ROW_CONFIG, "log": log, "summary": summary}
+    print(f"  {rounds} rounds, {DEFAULT_ROW_CONFIG} vs bf16 (median [min, max] of per-round ratios): "
+          + "  ".join(f"{mode} {v['median']:.3f}x [{v['min']:.3f}, {v['max']:.3f}]" for mode, v in summary.items()
+                      if isinstance(v, dict))
+          + f"  bf16 median {summary['bf16_ms_median']:.3f} ms", flush=True)
+
 
 if __name__ == "__main__":
     main()

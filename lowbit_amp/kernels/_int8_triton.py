@@ -411,38 +411,6 @@ def _row_epilogue(acc, sa_inv, c_src, bias_ptr, a2_src, b2_src, sa2_ptr, sb_ptr,
 
 
 @triton.jit
-def _row_hp_merged(out0, out1, a2_src, b2_src, fb_idx_ptr, count, pid_m, off_m, off_n0, off_n1, offs_m, offs_n0,
-                   offs_n1, m_ok, n0_ok, n1_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_fb, N_KB: tl.constexpr,
-                   BK: tl.constexpr, EVEN: tl.constexpr, DYNAMIC_FB: tl.constexpr, FB_STAGES: tl.constexpr,
-                   FB_TMA: tl.constexpr):
-    """``hp`` fallback of BOTH N halves in one loop over the flagged K blocks (``merged_fallback``): one pipeline
-    prologue per output tile instead of two, and ``a``'s 16-bit fallback tile loaded once instead of twice; the bf16
-    products accumulate straight into the two FP32 output halves (no extra accumulator: sm_90 compile, no stack).
-    Residual fallback keeps the per-half loops: its INT32 products need an accumulator of their own, and with both
-    output halves live that spilled (80 B of stack, Triton 3.6 and 3.8)."""
-    if DYNAMIC_FB:
-        kb_next = tl.load(fb_idx_ptr + pid_m * s_fb)
-        for i in tl.range(0, count, num_stages=FB_STAGES):
-            kb = kb_next
-            kb_next = tl.load(fb_idx_ptr + pid_m * s_fb + tl.minimum(i + 1, N_KB - 1))
-            a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, FB_TMA, EVEN)
-            b0 = _load_tile(b2_src, off_n0, kb * BK, offs_n0, n0_ok, K, s_b2n, s_b2k, BK, FB_TMA, EVEN)
-            out0 = tl.dot(a2, b0.T, out0)
-            b1 = _load_tile(b2_src, off_n1, kb * BK, offs_n1, n1_ok, K, s_b2n, s_b2k, BK, FB_TMA, EVEN)
-            out1 = tl.dot(a2, b1.T, out1)
-    else:  # the interpreter: a static bound with a guard (see _row_fallback_half)
-        for i in range(0, N_KB):
-            if i < count:
-                kb = tl.load(fb_idx_ptr + pid_m * s_fb + i)
-                a2 = _load_tile(a2_src, off_m, kb * BK, offs_m, m_ok, K, s_a2m, s_a2k, BK, FB_TMA, EVEN)
-                b0 = _load_tile(b2_src, off_n0, kb * BK, offs_n0, n0_ok, K, s_b2n, s_b2k, BK, FB_TMA, EVEN)
-                out0 = tl.dot(a2, b0.T, out0)
-                b1 = _load_tile(b2_src, off_n1, kb * BK, offs_n1, n1_ok, K, s_b2n, s_b2k, BK, FB_TMA, EVEN)
-                out1 = tl.dot(a2, b1.T, out1)
-    return out0, out1
-
-
-@triton.jit
 def _store_tile(acc, c_src, bias_ptr, off_m, off_n, offs_m, offs_n, m_ok, n_ok, s_cm, s_cn, HAS_BIAS: tl.constexpr,
                 EVEN: tl.constexpr, C_TMA: tl.constexpr):
     """The epilogue's store: through a TMA descriptor when the output allows (no per-element 64-bit pointers: with
@@ -463,7 +431,7 @@ def int8_row_mm_kernel(
     FALLBACK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, N_KB: tl.constexpr,
     DYNAMIC_FB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FB_STAGES: tl.constexpr, C_TMA: tl.constexpr,
-    FB_TMA: tl.constexpr, ONE_MMA: tl.constexpr, MERGED_FB: tl.constexpr,
+    FB_TMA: tl.constexpr, ONE_MMA: tl.constexpr,
 ):
     """``c = a · bᵀ`` with one scale per row of each operand: the whole K accumulates in INT32 (no per-block
     promotion in the main loop); ``sa``: a's raw row scales (inverted here), ``sb``: b's *inverse* row scales.
@@ -474,8 +442,10 @@ def int8_row_mm_kernel(
     bf16 product with ``b``'s 16-bit values: ``out = float(acc) · sinv_a[m] · sinv_b[n] + Σ a_hp · b_hpᵀ``.
 
     ``ONE_MMA``: the main loop as one ``BM x BN`` dot whose accumulator is split into the two halves afterwards
-    (register-only), instead of two ``BM x BN/2`` dots; ``MERGED_FB`` (hp only): both halves' fallback in one loop
-    (:func:`_row_hp_merged`)."""
+    (register-only), instead of two ``BM x BN/2`` dots.
+
+    (A merged hp loop over both N halves was tried and dropped: run zj, 2026-12-02 — hp needed 320 KB of shared
+    memory at 4 stages and the residual path was 2% slower.)"""
     BNS: tl.constexpr = BN // SPLIT_N
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     off_m = pid_m * BM
@@ -508,19 +478,6 @@ def int8_row_mm_kernel(
                 b1 = _load_tile(b_src, off_n1, k0, offs_n1, n1_ok, K, s_bn, s_bk, BK, USE_TMA, EVEN)
                 acc1 = tl.dot(a, b1.T, acc1, out_dtype=tl.int32)
     sa_inv = tl.math.div_rn(tl.full((BM,), 1.0, tl.float32), tl.load(sa_ptr + offs_m, mask=m_ok, other=1.0))
-    if MERGED_FB:  # hp fallback and SPLIT_N == 2 (the launcher's condition): both halves, then one loop
-        sb0 = tl.load(sb_ptr + offs_n0, mask=n0_ok, other=0.0)
-        sb1 = tl.load(sb_ptr + offs_n1, mask=n1_ok, other=0.0)
-        out0 = acc0.to(tl.float32) * sa_inv[:, None] * sb0[None, :]
-        out1 = acc1.to(tl.float32) * sa_inv[:, None] * sb1[None, :]
-        out0, out1 = _row_hp_merged(out0, out1, a2_src, b2_src, fb_idx_ptr, tl.load(fb_cnt_ptr + pid_m), pid_m, off_m,
-                                    off_n0, off_n1, offs_m, offs_n0, offs_n1, m_ok, n0_ok, n1_ok, K, s_a2m, s_a2k,
-                                    s_b2n, s_b2k, s_fb, N_KB, BK, EVEN, DYNAMIC_FB, FB_STAGES, FB_TMA)
-        _store_tile(out0, c_ptr, bias_ptr, off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, s_cm, s_cn, HAS_BIAS, EVEN,
-                    C_TMA)
-        _store_tile(out1, c_ptr, bias_ptr, off_m, off_n1, offs_m, offs_n1, m_ok, n1_ok, s_cm, s_cn, HAS_BIAS, EVEN,
-                    C_TMA)
-        return
     _row_epilogue(acc0, sa_inv, c_ptr, bias_ptr, a2_src, b2_src, sa2_ptr, sb_ptr, fb_idx_ptr, fb_cnt_ptr, pid_m,
                   off_m, off_n0, offs_m, offs_n0, m_ok, n0_ok, K, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn, s_fb,
                   FALLBACK, HAS_BIAS, EVEN, N_KB, BK, USE_TMA, DYNAMIC_FB, FB_STAGES, C_TMA, FB_TMA)

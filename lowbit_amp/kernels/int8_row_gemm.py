@@ -40,8 +40,6 @@ class RowGemmConfig:
     # split_n == 2: the main loop as one block_n-wide MMA whose accumulator is split for the epilogue (True), or as
     # two block_n/2 MMAs (False)
     one_mma: bool = False
-    # split_n == 2 with hp fallback: both halves' fallback products in one loop (_int8_triton._row_hp_merged)
-    merged_fallback: bool = False
 
 
 # ms at 16384x4096x4096 / 8192^3 with 5.4% of tiles falling back (H200, run s; run q in parentheses where it ran):
@@ -72,12 +70,10 @@ ROW_CONFIGS: dict[str, RowGemmConfig] = {
     # 0.457 / 0.885, 0.520 / 0.998, 0.574 / 1.089; bf16 0.760 / 1.623):
     "r256_w8_s4_1mma_fb2": RowGemmConfig(256, 2, 8, 4, one_mma=True, fb_stages=2),  # 0.466 / 0.884, 0.522 / 0.990
     "r256_w8_s4_1mma_g4": RowGemmConfig(256, 2, 8, 4, group_m=4, one_mma=True),  # 0.457 / 0.908, 0.521 / 1.024
-    # the default since run zd: 0.457 / 0.873, 0.517 / 0.972 (1.47x / 1.67x bf16), 0.556 / 1.065
+    # the default since run zd: 0.457 / 0.873, 0.517 / 0.972 (1.47x / 1.67x bf16), 0.556 / 1.065; run zj: 0.457 /
+    # 0.833, 0.517 / 0.972 (1.59x / 1.67x: bf16 0.821 / 1.621 there), 0.543 / 1.074. (A variant running both N
+    # halves' hp fallback in one loop was dropped in run zj: 320 KB of shared memory in hp, residual 0.528 / 0.986.)
     "r256_w8_s4_1mma_g16": RowGemmConfig(256, 2, 8, 4, group_m=16, one_mma=True),
-    # The default with both N halves' hp fallback in one loop (one pipeline prologue per tile; sm_90 compile: no
-    # stack; residual fallback keeps the per-half loops). Written after the device time of 2026-12-02: compiled on
-    # CPU only — untimed and not yet run on a GPU (Triton's interpreter cannot check hp: its bf16 dot is wrong).
-    "r256_w8_s4_1mma_g16_mfb": RowGemmConfig(256, 2, 8, 4, group_m=16, one_mma=True, merged_fallback=True),
     # Pre-Hopper (sm_80/86/89: mma.sync, no TMA, no wgmma): the default above spills 3.4 KB per thread there (sm_80
     # compile, Triton 3.6, ptxas -res-usage); a 128x128 tile as two 64-wide halves with pointer loads keeps 0 / 8 / 8
     # B of stack (none / residual / hp; sm_86: 0 / 0 / 0). Chosen by compiling, not timed: no pre-Hopper GPU was lent.
@@ -194,8 +190,7 @@ def triton_row_mm_nt(
          "DYNAMIC_FB": not _interpreting(), "BM": bm, "BN": bn, "BK": bk, "SPLIT_N": cfg.split_n,
          "GROUP_M": cfg.group_m, "USE_TMA": use_tma,
          "FB_STAGES": cfg.fb_stages or (cfg.num_stages if mode == 1 else 2),
-         "C_TMA": c_tma, "FB_TMA": fb_tma, "ONE_MMA": one_mma,
-         "MERGED_FB": mode == 2 and cfg.merged_fallback and cfg.split_n == 2},
+         "C_TMA": c_tma, "FB_TMA": fb_tma, "ONE_MMA": one_mma},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
