@@ -12,6 +12,7 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
+#   bash bench/run_gpu.sh s19b     # the grid-stride FP8 cast kernel: GPU tests, launch-shape sweep, anchor step in rounds
 #   bash bench/run_gpu.sh s19      # interleaved rounds: the INT8 GEMM vs bf16 and the anchor step's variants, ratio per round
 #   bash bench/run_gpu.sh s18 / s18b  # session 18 (2026-12-02): flag reuse + merged hp loop (dropped); INT8 compiled ops
 #   bash bench/run_gpu.sh s17a..s17f  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
@@ -164,6 +165,16 @@ case "${1:-checks}" in
     # accuracy next to the block-scaled layouts; plus its GPU test against the reference. ~3 min.
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
+    ;;
+  s19b)
+    # Session 18 (2026-12-02): the FP8 cast kernel strides over tiles (PROGRAMS_PER_SM, default 8) instead of one
+    # program per tile: its bit-exactness tests, the launch-shape sweep over the anchor's cast shapes, then the anchor
+    # step (eager and compiled O1 vs bf16) in interleaved rounds. ~6 min.
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py tests/gpu/test_fp8_grad_encode_gpu.py \
+      2>&1 | tail -2
+    timeout 120 python bench/bench_cast_sweep.py --out "$OUT" 2>&1 | tail -10
+    E2E_ROUNDS=5 BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile \
+      timeout 240 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -6
     ;;
   s19)
     # Session 18 (2026-12-02): bf16's time varies more between runs (0.71-0.83 ms at 16384x4096x4096, compiled step

@@ -48,6 +48,9 @@ _FINITE_LIMIT_BITS = 0x7F800000  # bit pattern of +inf: |x| bits below it are fi
 _BLOCK_M = 64
 _BLOCK_K = 128
 _NUM_WARPS = 8
+# Cast programs per SM (grid-stride over the tiles); None: one program per tile, as before 2026-12-02. Chosen by
+# bench/bench_cast_sweep.py on the H200 (see the table in docs/performance.md, "Cast kernels").
+PROGRAMS_PER_SM: int | None = 8
 
 
 @triton.jit
@@ -100,29 +103,38 @@ def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
 
 @triton.jit
 def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
-                 scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr,
+                 scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr, iters,
                  TARGET: tl.constexpr, FMT_MAX: tl.constexpr, MAX_SCALE_C: tl.constexpr,
                  CURRENT: tl.constexpr, RECORD: tl.constexpr, WRITE_T: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr):
+    """Grid-stride over ``BLOCK_M x BLOCK_K`` tiles (``iters`` per program; a tile index past the end lands beyond
+    row M and is fully masked), so the delayed path's two same-address atomics (and their acq_rel fences) run once
+    per *program*, not once per tile: one program per tile made 8192 of them per 16384x4096 cast."""
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
-    offs_m = (pid // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
-    x = x.to(tl.float32)
     if CURRENT:
         p = tl.arange(0, PARTIALS_BLOCK)
         amax_bits = tl.max(tl.load(partials_ptr + p, mask=p < n_partials, other=0), 0)
         scale = _scale_from_amax_bits(amax_bits, TARGET, MAX_SCALE_C)
     else:
         scale = tl.load(scale_ptr)
-    scaled = tl.clamp(x * scale, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
-    lp = scaled.to(lp_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(lp_ptr + offs_m[:, None] * K + offs_k[None, :], lp, mask=mask)
-    if WRITE_T:
-        mask_t = (offs_k[:, None] < K) & (offs_m[None, :] < M)
-        tl.store(lpt_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(lp), mask=mask_t)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # |x| bit patterns (delayed + record only)
+    for i in range(0, iters):
+        tile = pid + i * programs
+        offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        scaled = tl.clamp(x * scale, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
+        lp = scaled.to(lp_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(lp_ptr + offs_m[:, None] * K + offs_k[None, :], lp, mask=mask)
+        if WRITE_T:
+            mask_t = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+            tl.store(lpt_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(lp), mask=mask_t)
+        if RECORD and not CURRENT:
+            acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
     if pid == 0:
         tl.store(scale_out_ptr, scale)
         # 1/scale 16 bytes further on: cuBLAS rejects (CUBLAS_STATUS_NOT_SUPPORTED) a scale pointer that is not
@@ -136,11 +148,10 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
             if pid == 0:
                 _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH)
         else:
-            tile_bits = tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), 1), 0)
-            tl.atomic_max(scratch_ptr, tile_bits)
+            tl.atomic_max(scratch_ptr, tl.max(tl.max(acc, 1), 0))
             # acq_rel atomics: the program that sees the count reach the grid size also sees every atomic_max.
             done = tl.atomic_add(scratch_ptr + 1, 1)
-            if done == tl.num_programs(0) - 1:
+            if done == programs - 1:
                 total_bits = tl.atomic_xchg(scratch_ptr, 0)
                 tl.atomic_xchg(scratch_ptr + 1, 0)
                 _fold_amax(total_bits, pending_ptr, nonfinite_ptr, FRESH)
@@ -230,12 +241,13 @@ def launch_cast(
         )
     else:
         n_partials, partials = 1, scale_out
+    programs = tiles if PROGRAMS_PER_SM is None else min(tiles, PROGRAMS_PER_SM * _num_sms(device))
     _launch_cast(
-        tiles,
+        programs,
         (x2d, lp, lp_t, rows, cols, x2d.stride(0), x2d.stride(1),
          scale_in, partials, n_partials, scale_out,
          pending if (record or fresh) else scale_out, nonfinite if (record or fresh) else scale_out,
-         scratch if (record and not current) else scale_out),
+         scratch if (record and not current) else scale_out, _cdiv(tiles, programs)),
         _NUM_WARPS,
         TARGET=target, FMT_MAX=fmt_max, MAX_SCALE_C=MAX_SCALE,
         CURRENT=current, RECORD=record, WRITE_T=write_t,

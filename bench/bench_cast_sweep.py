@@ -1,0 +1,99 @@
+"""The fused FP8 cast kernel's launch shape (tile rows, programs per SM) over the anchor step's cast shapes (GPU).
+
+Why: in the compiled 4096-wide anchor step the 30 casts took 2.6 ms per step (profile, run zc) where the bytes they
+must move take ~1.7 ms at the H200's copy bandwidth, and that gap is about what issue 6's compiled target misses by.
+One program per 64x128 tile made 8192 programs per 16384x4096 cast, each with two same-address atomics and their
+fences; the kernel now strides over tiles (``lowbit_amp.kernels.fp8_cast.PROGRAMS_PER_SM``).
+
+Run: PYTHONPATH=. python bench/bench_cast_sweep.py [--rounds 3] [--out DIR]
+Every setting is timed in interleaved rounds (median of do_bench medians), delayed-warm (the one-pass path the
+activations, gradients and — under delayed weight scaling — weights take) with the transpose, bf16 input, E4M3. Per
+setting it prints each shape's ms and its share of the copy-bandwidth floor, then the anchor step's cast total (the
+shapes weighted by how often a step casts them). Bytes, and the first setting's outputs, are checked equal across
+settings (every byte of the FP8 outputs and the recorded amax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+# (rows, cols): calls per anchor step (2 Llama blocks, dim 4096, ffn 14336, 8192 tokens): x of wqkv/wo/w1/w3 and dy
+# of wo/w2 are 8192x4096; x of w2 and dy of w1/w3 8192x14336; dy of wqkv 8192x12288; the five weights.
+STEP_SHAPES = {(8192, 4096): 12, (8192, 14336): 6, (8192, 12288): 2, (12288, 4096): 2, (4096, 4096): 2,
+               (14336, 4096): 4, (4096, 14336): 2}
+SETTINGS = [(64, None), (64, 4), (64, 8), (64, 16), (128, None), (128, 4), (128, 8)]
+
+
+def main() -> None:
+    import triton.testing
+
+    from lowbit_amp.kernels import fp8_cast
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    bw = 2 * src.numel() / copy_ms / 1e9  # TB/s, read + write
+    inputs = {shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in STEP_SHAPES}
+    scale = torch.tensor(10.0, device="cuda")
+
+    def cast(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple:
+        return fp8_cast.launch_cast(x, scale, torch.float8_e4m3fn, 448.0, 448.0, False, True, True, *state)
+
+    def fresh_state() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.zeros((), device="cuda"), torch.zeros((), dtype=torch.int64, device="cuda"),
+                torch.zeros(2, dtype=torch.int32, device="cuda"))
+
+    base_block, base_pps = fp8_cast._BLOCK_M, fp8_cast.PROGRAMS_PER_SM
+    ref = {}
+    times: dict = {s: {shape: [] for shape in STEP_SHAPES} for s in SETTINGS}
+    try:
+        for setting in SETTINGS:  # correctness first: every setting's bytes and amax equal the first's
+            fp8_cast._BLOCK_M, fp8_cast.PROGRAMS_PER_SM = setting
+            for shape, x in inputs.items():
+                state = fresh_state()
+                lp, lp_t, _ = cast(x, state)
+                got = (lp.view(torch.uint8), lp_t.view(torch.uint8), state[0].clone())
+                if shape not in ref:
+                    ref[shape] = got
+                else:
+                    assert all(torch.equal(a, b) for a, b in zip(ref[shape], got)), (setting, shape)
+                    assert int(state[2].abs().sum()) == 0, (setting, shape)
+        print(f"outputs equal across settings; copy bandwidth {bw:.2f} TB/s", flush=True)
+        for _ in range(args.rounds):
+            for setting in SETTINGS:
+                fp8_cast._BLOCK_M, fp8_cast.PROGRAMS_PER_SM = setting
+                for shape, x in inputs.items():
+                    state = fresh_state()
+                    times[setting][shape].append(
+                        triton.testing.do_bench(lambda: cast(x, state), warmup=10, rep=40, return_mode="median"))
+    finally:
+        fp8_cast._BLOCK_M, fp8_cast.PROGRAMS_PER_SM = base_block, base_pps
+    rows = []
+    for setting in SETTINGS:
+        med = {shape: statistics.median(t) for shape, t in times[setting].items()}
+        step_ms = sum(med[shape] * n for shape, n in STEP_SHAPES.items())
+        floor = {shape: 4 * shape[0] * shape[1] / bw / 1e9 for shape in STEP_SHAPES}  # read bf16, write lp + lpᵀ
+        cells = "  ".join(f"{r}x{c} {med[(r, c)]:.3f} ({floor[(r, c)] / med[(r, c)]:.0%})" for r, c in STEP_SHAPES)
+        print(f"block_m {setting[0]:3d} programs/SM {str(setting[1]):>4}: step casts {step_ms:.3f} ms   {cells}",
+              flush=True)
+        rows.append({"block_m": setting[0], "programs_per_sm": setting[1], "step_cast_ms": step_ms,
+                     "ms": {f"{r}x{c}": v for (r, c), v in med.items()}})
+    floor_step = sum(4 * r * c / bw / 1e9 * n for (r, c), n in STEP_SHAPES.items())
+    print(f"floor of the step's casts at {bw:.2f} TB/s: {floor_step:.3f} ms", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cast_sweep.json"), "w") as handle:
+        json.dump({"gpu": torch.cuda.get_device_name(), "copy_TBps": bw, "floor_step_ms": floor_step,
+                   "rounds": args.rounds, "settings": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
