@@ -166,6 +166,11 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s19c)
+    # Session 18: the cast kernel's loop pipelining depth, tile width and warps (bench_cast_sweep.py); tests first. ~3 min.
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py 2>&1 | tail -2
+    timeout 200 python bench/bench_cast_sweep.py --out "$OUT" 2>&1 | tail -13
+    ;;
   s19b)
     # Session 18 (2026-12-02): the FP8 cast kernel strides over tiles (PROGRAMS_PER_SM, default 8) instead of one
     # program per tile: its bit-exactness tests, the launch-shape sweep over the anchor's cast shapes, then the anchor
