@@ -167,9 +167,11 @@ case "${1:-checks}" in
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
   s19c)
-    # Session 18: the cast kernel's loop pipelining depth, tile width and warps (bench_cast_sweep.py); tests first. ~3 min.
-    timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py 2>&1 | tail -2
-    timeout 200 python bench/bench_cast_sweep.py --out "$OUT" 2>&1 | tail -13
+    # Session 18: the cast kernel's GPU tests after the launcher-key change, the INT8 row kernel's after the merged
+    # hp loop was removed, and the cast launch-shape sweep with settings timed back to back per shape. ~4 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py 2>&1 | tail -2
+    timeout 100 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py -k "1mma_g16 or chunks" 2>&1 | tail -2
+    timeout 150 python bench/bench_cast_sweep.py --rounds 5 --out "$OUT" 2>&1 | tail -11
     ;;
   s19b)
     # Session 18 (2026-12-02): the FP8 cast kernel strides over tiles (PROGRAMS_PER_SM, default 8) instead of one

@@ -51,7 +51,6 @@ _NUM_WARPS = 8
 # Cast programs per SM (grid-stride over the tiles); None: one program per tile, as before 2026-12-02. Chosen by
 # bench/bench_cast_sweep.py on the H200 (see the table in docs/performance.md, "Cast kernels").
 PROGRAMS_PER_SM: int | None = 8
-LOOP_STAGES = 1  # software-pipelining depth of the cast kernel's tile loop (1: none)
 
 
 @triton.jit
@@ -92,7 +91,7 @@ def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
     programs = tl.num_programs(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-    for i in tl.range(0, iters, num_stages=LOOP_STAGES):
+    for i in range(0, iters):
         tile = pid + i * programs
         offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -107,7 +106,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
                  scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr, iters,
                  TARGET: tl.constexpr, FMT_MAX: tl.constexpr, MAX_SCALE_C: tl.constexpr,
                  CURRENT: tl.constexpr, RECORD: tl.constexpr, WRITE_T: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr):
     """Grid-stride over ``BLOCK_M x BLOCK_K`` tiles (``iters`` per program; a tile index past the end lands beyond
     row M and is fully masked), so the delayed path's two same-address atomics (and their acq_rel fences) run once
     per *program*, not once per tile: one program per tile made 8192 of them per 16384x4096 cast."""
@@ -121,7 +120,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
     else:
         scale = tl.load(scale_ptr)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # |x| bit patterns (delayed + record only)
-    for i in tl.range(0, iters, num_stages=LOOP_STAGES):
+    for i in range(0, iters):
         tile = pid + i * programs
         offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -253,7 +252,6 @@ def launch_cast(
         TARGET=target, FMT_MAX=fmt_max, MAX_SCALE_C=MAX_SCALE,
         CURRENT=current, RECORD=record, WRITE_T=write_t,
         PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, FRESH=fresh,
-        LOOP_STAGES=LOOP_STAGES,
     )
     if want_transpose and not write_t:
         lp_t = lp.t().contiguous()
