@@ -65,7 +65,7 @@ def quantize_weight(w: torch.Tensor, cfg: Int8Config) -> Int8Blocks:
     GPU-tested): the reference's torch ops took 9.7 ms per anchor step for W and 12.5 ms for Wᵀ (strided reads), a
     third of the INT8 step (H200 run w, 2026-12-02). Block-scaled weights take the reference."""
     row = Granularity.parse(cfg.weight_block) == ROW
-    if row and use_compiled_ops(w, ROW, "nearest"):
+    if row and use_compiled_ops(ROW, "nearest"):
         return compiled_quantize_rows(w, Granularity(128, 128), 0.0, False, "residual", None)  # type: ignore[return-value]
     if row and w.is_cuda:
         from lowbit_amp.kernels.int8_row_quant import triton_quantize_rows
@@ -89,7 +89,7 @@ def quantize_act(
     act = Granularity.parse(cfg.act_block)
     tile = Granularity.parse(cfg.fallback_block)
     if act == ROW:
-        if backend == "auto" and use_compiled_ops(x2d, act, rounding):  # torch.compile: the op (compiled_ops.py)
+        if backend == "auto" and use_compiled_ops(act, rounding):  # torch.compile: the op (compiled_ops.py)
             return compiled_quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, flags)
         return _quantize_rows(x2d, tile, cfg.fallback_threshold, fallback, cfg.fallback_mode, rounding, generator,
                               backend, flags)

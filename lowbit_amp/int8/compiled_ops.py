@@ -37,10 +37,8 @@ _LIB.define(
     "Tensor? a_hp, Tensor? b_hp, Tensor? bias, int tile_rows, int tile_cols, ScalarType out_dtype) -> Tensor")
 
 
-def use_compiled_ops(x: torch.Tensor, act: Granularity, rounding: str) -> bool:
-    """Whether this row-layout call goes through the ops: compiling, row-scaled, nearest rounding. ``x`` is unused
-    (kept so callers state which tensor the decision is about)."""
-    del x
+def use_compiled_ops(act: Granularity, rounding: str) -> bool:
+    """Whether this row-layout call goes through the ops: compiling, row-scaled, nearest rounding."""
     return torch.compiler.is_compiling() and act == ROW and rounding == "nearest"
 
 

@@ -121,7 +121,7 @@ def int8_block_mm_nt(
         raise ValueError(f"Unknown INT8 GEMM backend {backend!r}; use one of {list(BACKENDS)}.")
     main = main_of(a)
     if is_row_scaled(main) and is_row_scaled(b):
-        if backend == "auto" and use_compiled_ops(main.q, ROW, "nearest"):  # torch.compile: the op (compiled_ops.py)
+        if backend == "auto" and use_compiled_ops(ROW, "nearest"):  # torch.compile: the op (compiled_ops.py)
             return compiled_row_mm(a, b, out_dtype, bias, b_hp)
         if backend != "reference" and main.q.is_cuda:
             from lowbit_amp.kernels.int8_row_gemm import row_kernel_supports, triton_row_mm_nt
