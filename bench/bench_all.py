@@ -263,6 +263,16 @@ E2E_SMALL_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "lowbit_O1_all_eager", "b
                       "lowbit_O1_all_compile", "torchao_tensorwise_compile"]
 
 
+def _apply_switches(name: str) -> None:
+    """Process-wide switches a variant's name selects, set before each of its steps (interleaved rounds alternate
+    variants; Dynamo guards on the switch, so each compiled variant keeps the graph it was traced with):
+    ``_top_``: the compiled FP8 cast through its triton_op (lowbit_amp/kernels/fp8_cast_op.py, VIA_TRITON_OP)."""
+    if name.startswith("lowbit"):
+        from lowbit_amp.kernels import fp8_cast_op
+
+        fp8_cast_op.VIA_TRITON_OP = "_top_" in name
+
+
 def anchor_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
     """One training step of the anchor protocol (shared/anchors/anchor_gpu.py): mean-square loss of the output,
     backward, optimizer step, gradients set to None. Shared by every benchmark that times or profiles the anchor."""
@@ -295,6 +305,7 @@ def _time_variant(name: str, tag: str, dim: int, heads: int, ffn: int, layers: i
     torch.cuda.reset_peak_memory_stats()
     model, opt, note = _make_variant(name, dim, heads, ffn, layers)
     x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
+    _apply_switches(name)
 
     def step() -> torch.Tensor:
         return anchor_step(model, opt, x)
@@ -337,7 +348,7 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
     for name in variants:
         torch.manual_seed(0)
         model, opt, _ = _make_variant(name, dim, heads, ffn, layers)
-        steps[name] = (lambda model=model, opt=opt: anchor_step(model, opt, x))
+        steps[name] = (lambda model=model, opt=opt, name=name: (_apply_switches(name), anchor_step(model, opt, x))[1])
         for _ in range(3):
             steps[name]()
         torch.cuda.synchronize()
@@ -374,7 +385,7 @@ def e2e(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: 
     if os.environ.get("BENCH_VARIANTS"):  # e.g. BENCH_VARIANTS=bf16_compile,lowbit_O1_compile for a quick check; names
         # outside the section's list are run too (lowbit_int8row_eager, ...), in the order given
         asked = os.environ["BENCH_VARIANTS"].split(",")
-        variants = [v for v in asked if v in variants or any(f"_{key}_" in v for key in INT8_LEVELS)]
+        variants = [v for v in asked if v in variants or v.startswith("lowbit_")]
     if os.environ.get("E2E_ROUNDS"):  # interleaved rounds instead of one pass (see e2e_rounds)
         e2e_rounds(tag, dim, heads, ffn, layers, batch, seq, variants, int(os.environ["E2E_ROUNDS"]))
         return []

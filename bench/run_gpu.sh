@@ -12,6 +12,7 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
+#   bash bench/run_gpu.sh s19d     # the compiled FP8 cast as a triton_op (Inductor launches it): GPU test, then compiled A/B
 #   bash bench/run_gpu.sh s19b     # the grid-stride FP8 cast kernel: GPU tests, launch-shape sweep, anchor step in rounds
 #   bash bench/run_gpu.sh s19      # interleaved rounds: the INT8 GEMM vs bf16 and the anchor step's variants, ratio per round
 #   bash bench/run_gpu.sh s18 / s18b  # session 18 (2026-12-02): flag reuse + merged hp loop (dropped); INT8 compiled ops
@@ -165,6 +166,13 @@ case "${1:-checks}" in
     # accuracy next to the block-scaled layouts; plus its GPU test against the reference. ~3 min.
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
+    ;;
+  s19d)
+    # Session 18: the compiled cast through torch.library.triton_op (VIA_TRITON_OP, off): its GPU test, and only if
+    # it passes, compiled bf16 / O1 (dispatcher op) / O1 (triton_op) in interleaved rounds. ~4 min.
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py -k compiled_layer 2>&1 | tail -15 \
+      && E2E_ROUNDS=5 BENCH_VARIANTS=bf16_compile,lowbit_O1_compile,lowbit_O1_top_compile \
+      timeout 200 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -5
     ;;
   s19c)
     # Session 18: the cast kernel's GPU tests after the launcher-key change, the INT8 row kernel's after the merged

@@ -68,6 +68,31 @@ def fp8_cast(
 _LIB.impl("fp8_cast", fp8_cast, "CUDA")
 
 
+# Under torch.compile the same kernels can instead enter the graph as a ``torch.library.triton_op``: Inductor then
+# traces the launch (``wrap_triton``) and emits it in its generated code, skipping the dispatcher, this module's
+# Python and the launcher per call. Why it might matter: the compiled anchor step idles ~1.3 ms per step while the
+# host enqueues the forward after each synchronisation, ~40% of it around these casts (bench/trace_gaps.py,
+# docs/performance.md). Written 2026-12-02 after the GPU tests of that session's cast kernel; off until
+# tests/kernels/test_fp8_cast_gpu.py::test_compiled_layer_via_triton_op_matches_eager passes on a GPU.
+VIA_TRITON_OP = False
+
+
+@torch.library.triton_op("lowbit_amp::fp8_cast_t", mutates_args={"pending_amax", "nonfinite_count", "scratch"})
+def fp8_cast_t(
+    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, pending_amax: torch.Tensor,
+    nonfinite_count: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float, current: bool,
+    record: bool, want_transpose: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fp8_cast` as a ``triton_op`` (see :data:`VIA_TRITON_OP`); the same kernels, arguments and results.
+    ``scratch`` is declared mutated here (the kernel's atomics write it, then zero it again) because Inductor derives
+    a wrapped kernel's mutations from its code."""
+    from lowbit_amp.kernels.fp8_cast import launch_cast
+
+    lp, lp_t, scale_out = launch_cast(x, scale, out_dtype, fmt_max, target, current, record, want_transpose,
+                                      pending_amax, nonfinite_count, scratch, wrapped=True)
+    return lp, (lp_t if lp_t is not None else lp.new_empty((0,))), scale_out
+
+
 @torch.library.register_fake("lowbit_amp::fp8_cast", lib=_LIB)
 def _fp8_cast_fake(x, scale, scratch, pending_amax, nonfinite_count, out_dtype, fmt_max, target, current, record,  # type: ignore[no-untyped-def]
                    want_transpose):
@@ -84,7 +109,8 @@ def traceable_fused_quantize(
     fmt = state.fmt
     current = not (state.config.algo == "static" or (state.delayed and state._warm))
     record = state.delayed
-    lp, lp_t, scale_out = torch.ops.lowbit_amp.fp8_cast(
+    op = torch.ops.lowbit_amp.fp8_cast_t if VIA_TRITON_OP else torch.ops.lowbit_amp.fp8_cast
+    lp, lp_t, scale_out = op(
         x2d, state.scale, state.cast_scratch, state.pending_amax, state.nonfinite_count, fmt.dtype, fmt.max,
         fmt.max / (2.0 ** state.config.margin), current, record, want_transpose)
     scale = scale_out[0] if current else state.scale

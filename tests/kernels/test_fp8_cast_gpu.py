@@ -183,11 +183,17 @@ def test_custom_op_passes_opcheck() -> None:
 
 
 @pytest.mark.skipif(not fp8_gemm_supported("cuda")[0], reason="FP8 GEMMs need compute capability 8.9+")
-def test_compiled_layer_uses_the_kernel_and_matches_eager() -> None:
-    """Inductor, fullgraph: the compiled O1 layer calls lowbit_amp::fp8_cast (no graph break) and gives eager's
-    FP8 bytes: output equal, gradients equal up to Inductor's reordering of the bias-gradient sum, states equal."""
+@pytest.mark.parametrize("via_triton_op", [False, True])
+def test_compiled_layer_uses_the_kernel_and_matches_eager(via_triton_op: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor, fullgraph: the compiled O1 layer calls lowbit_amp::fp8_cast (no graph break) — or, with
+    ``VIA_TRITON_OP``, Inductor launches the cast kernel itself (lowbit_amp::fp8_cast_t, a triton_op) — and gives
+    eager's FP8 bytes: output equal, gradients equal up to Inductor's reordering of the bias-gradient sum, states
+    equal."""
     from torch._inductor.utils import run_and_get_code
 
+    from lowbit_amp.kernels import fp8_cast_op
+
+    monkeypatch.setattr(fp8_cast_op, "VIA_TRITON_OP", via_triton_op)
     torch.manual_seed(0)
     torch._dynamo.reset()
     layers = [LowBitLinear(256, 384, bias=True, device="cuda", dtype=torch.bfloat16, config=LinearConfig()),
@@ -205,7 +211,11 @@ def test_compiled_layer_uses_the_kernel_and_matches_eager() -> None:
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
     y_c, code = run_and_get_code(lambda: compiled(x))
-    assert any("lowbit_amp.fp8_cast" in c or "lowbit_amp::fp8_cast" in c for c in code), "kernel not in the graph"
+    if via_triton_op:  # the generated code launches the kernel; the dispatcher op is gone
+        assert any("_cast_kernel" in c for c in code), "the cast kernel is not launched by Inductor"
+        assert not any("torch.ops.lowbit_amp.fp8_cast.default" in c for c in code)
+    else:
+        assert any("lowbit_amp.fp8_cast" in c or "lowbit_amp::fp8_cast" in c for c in code), "kernel not in the graph"
     y_e = eager(x)
     assert torch.equal(y_c, y_e)
     y_c.float().square().mean().backward()
