@@ -270,7 +270,7 @@ def _apply_switches(name: str) -> None:
     if name.startswith("lowbit"):
         from lowbit_amp.kernels import fp8_cast_op
 
-        fp8_cast_op.VIA_TRITON_OP = "_top_" in name
+        fp8_cast_op.set_via_triton_op("_top_" in name)
 
 
 def anchor_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ module is safe on CPU-only installs; the op has no CPU implementation because th
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ import torch
 if TYPE_CHECKING:
     from lowbit_amp.scaling.state import ScalingState
 
-__all__ = ["traceable_fused_quantize"]
+__all__ = ["set_via_triton_op", "traceable_fused_quantize"]
 
 
 # A plain ``torch.library.Library`` definition + CUDA kernel + fake, not ``torch.library.custom_op``: the latter wraps
@@ -73,24 +74,39 @@ _LIB.impl("fp8_cast", fp8_cast, "CUDA")
 # Python and the launcher per call. Why it might matter: the compiled anchor step idles ~1.3 ms per step while the
 # host enqueues the forward after each synchronisation, ~40% of it around these casts (bench/trace_gaps.py,
 # docs/performance.md). Written 2026-12-02 after the GPU tests of that session's cast kernel; off until
-# tests/kernels/test_fp8_cast_gpu.py::test_compiled_layer_via_triton_op_matches_eager passes on a GPU.
+# tests/kernels/test_fp8_cast_gpu.py::test_compiled_layer_uses_the_kernel_and_matches_eager[True] passes on a GPU.
+# Set through set_via_triton_op (which registers the op: torch.library.triton_op imports Triton, and importing
+# lowbit_amp must not).
 VIA_TRITON_OP = False
 
 
-@torch.library.triton_op("lowbit_amp::fp8_cast_t", mutates_args={"pending_amax", "nonfinite_count", "scratch"})
-def fp8_cast_t(
-    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, pending_amax: torch.Tensor,
-    nonfinite_count: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float, current: bool,
-    record: bool, want_transpose: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`fp8_cast` as a ``triton_op`` (see :data:`VIA_TRITON_OP`); the same kernels, arguments and results.
-    ``scratch`` is declared mutated here (the kernel's atomics write it, then zero it again) because Inductor derives
-    a wrapped kernel's mutations from its code."""
-    from lowbit_amp.kernels.fp8_cast import launch_cast
+def set_via_triton_op(on: bool) -> None:
+    """Route compiled casts through ``lowbit_amp::fp8_cast_t`` (``on``) or the dispatcher op; registers the
+    triton_op on first use. Takes effect for graphs traced afterwards (Dynamo guards on the switch)."""
+    global VIA_TRITON_OP
+    if on:
+        _register_triton_op()
+    VIA_TRITON_OP = on
 
-    lp, lp_t, scale_out = launch_cast(x, scale, out_dtype, fmt_max, target, current, record, want_transpose,
-                                      pending_amax, nonfinite_count, scratch, wrapped=True)
-    return lp, (lp_t if lp_t is not None else lp.new_empty((0,))), scale_out
+
+@functools.lru_cache(maxsize=None)
+def _register_triton_op() -> None:
+    def fp8_cast_t(
+        x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, pending_amax: torch.Tensor,
+        nonfinite_count: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float, current: bool,
+        record: bool, want_transpose: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`fp8_cast` as a ``triton_op``: the same kernels, arguments and results. ``scratch`` is declared
+        mutated here (the kernel's atomics write it, then zero it again) because Inductor derives a wrapped kernel's
+        mutations from its code."""
+        from lowbit_amp.kernels.fp8_cast import launch_cast
+
+        lp, lp_t, scale_out = launch_cast(x, scale, out_dtype, fmt_max, target, current, record, want_transpose,
+                                          pending_amax, nonfinite_count, scratch, wrapped=True)
+        return lp, (lp_t if lp_t is not None else lp.new_empty((0,))), scale_out
+
+    torch.library.triton_op("lowbit_amp::fp8_cast_t", fp8_cast_t,
+                            mutates_args={"pending_amax", "nonfinite_count", "scratch"})
 
 
 @torch.library.register_fake("lowbit_amp::fp8_cast", lib=_LIB)

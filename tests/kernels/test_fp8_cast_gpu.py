@@ -193,7 +193,8 @@ def test_compiled_layer_uses_the_kernel_and_matches_eager(via_triton_op: bool, m
 
     from lowbit_amp.kernels import fp8_cast_op
 
-    monkeypatch.setattr(fp8_cast_op, "VIA_TRITON_OP", via_triton_op)
+    fp8_cast_op.set_via_triton_op(via_triton_op)
+    monkeypatch.setattr(fp8_cast_op, "VIA_TRITON_OP", via_triton_op)  # restored after the test
     torch.manual_seed(0)
     torch._dynamo.reset()
     layers = [LowBitLinear(256, 384, bias=True, device="cuda", dtype=torch.bfloat16, config=LinearConfig()),
