@@ -12,9 +12,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
-#   bash bench/run_gpu.sh s19d     # the compiled FP8 cast as a triton_op (Inductor launches it): GPU test, then compiled A/B
-#   bash bench/run_gpu.sh s19b     # the grid-stride FP8 cast kernel: GPU tests, launch-shape sweep, anchor step in rounds
-#   bash bench/run_gpu.sh s19      # interleaved rounds: the INT8 GEMM vs bf16 and the anchor step's variants, ratio per round
+#   bash bench/run_gpu.sh s19 / s19b / s19c / s19d  # session 18 (2026-12-02): interleaved-round ratios (INT8 GEMM, anchor
+#                                  # step), the grid-stride FP8 cast (tests, sweep), the compiled cast as a triton_op
 #   bash bench/run_gpu.sh s18 / s18b  # session 18 (2026-12-02): flag reuse + merged hp loop (dropped); INT8 compiled ops
 #   bash bench/run_gpu.sh s17a..s17f  # session 17 (2026-12-02): 1mma row GEMM, K-split quantizer, INT8 per-layer bench
 #   bash bench/run_gpu.sh int8quant  # the row quantizer on transposed views (ran in s17b/zc)
