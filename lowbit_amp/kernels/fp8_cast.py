@@ -83,6 +83,17 @@ def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x_ptr, tile, tiles_k, M, K, stride_m, stride_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile ``tile`` (row-major over ``BLOCK_M x BLOCK_K`` tiles) of x as fp32, with its offsets and mask; a tile
+    index past the end lands beyond row M and is fully masked (the grid-stride loops' last round)."""
+    offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+    return x.to(tl.float32), offs_m, offs_k, mask
+
+
+@triton.jit
 def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pass 1 of current scaling: each program writes the max |x| bit pattern over its tiles (NaN > inf > finite).
@@ -93,12 +104,8 @@ def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
     tiles_k = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
     for i in range(0, iters):
-        tile = pid + i * programs
-        offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
-        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True))
+        x, _, _, _ = _load_tile(x_ptr, pid + i * programs, tiles_k, M, K, stride_m, stride_k, BLOCK_M, BLOCK_K)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
     tl.store(partials_ptr + pid, tl.max(tl.max(acc, 1), 0))
 
 
@@ -122,12 +129,8 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
         scale = tl.load(scale_ptr)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # |x| bit patterns (delayed + record only)
     for i in range(0, iters):
-        tile = pid + i * programs
-        offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        x, offs_m, offs_k, mask = _load_tile(x_ptr, pid + i * programs, tiles_k, M, K, stride_m, stride_k, BLOCK_M,
+                                             BLOCK_K)
         scaled = tl.clamp(x * scale, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
         lp = scaled.to(lp_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(lp_ptr + offs_m[:, None] * K + offs_k[None, :], lp, mask=mask)
