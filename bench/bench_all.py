@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from lowbit_amp.models.llama_block import LlamaBlock
+from rounds import summarize  # bench/rounds.py: this script's directory is on sys.path when it runs
 
 OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "out")
 DEV = "cuda"
@@ -339,9 +340,7 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
     """Every variant built and warmed once, kept alive, then timed in ``rounds`` interleaved rounds (the anchor
     protocol's median per round), each ratio taken against bf16 of the same mode *in the same round*: clocks and
     temperature drift over a run by more than the gaps measured here (compiled bf16 41.9-43.7 ms between runs), and
-    sequential variants each see a different part of that drift."""
-    import statistics
-
+    sequential variants each see a different part of that drift (bench/rounds.py)."""
     torch._dynamo.reset()
     x = torch.randn(batch, seq, dim, device=DEV, dtype=torch.bfloat16)
     steps = {}
@@ -357,14 +356,15 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
         row = {name: _timed_steps(step)[2] for name, step in steps.items()}
         log.append(row)
         print(f"  round {i}: " + "  ".join(f"{name} {t:.2f}" for name, t in row.items()), flush=True)
+    def baseline_of(name: str) -> str:
+        return f"bf16_{'compile' if name.endswith('compile') else 'eager'}"
+
     summary = {}
-    for name in variants:
-        mode = "compile" if name.endswith("compile") else "eager"
-        base = f"bf16_{mode}"
-        ratios = [r[base] / r[name] for r in log] if base in steps else []
-        summary[name] = {"step_ms_median": round(statistics.median(r[name] for r in log), 2),
-                         "vs_bf16_same_mode_median": round(statistics.median(ratios), 3) if ratios else None,
-                         "vs_bf16_same_mode_min_max": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None}
+    for name, v in summarize(log, variants, baseline_of).items():
+        has = "ratio_median" in v
+        summary[name] = {"step_ms_median": round(v["ms_median"], 2),
+                         "vs_bf16_same_mode_median": round(v["ratio_median"], 3) if has else None,
+                         "vs_bf16_same_mode_min_max": [round(v["ratio_min"], 3), round(v["ratio_max"], 3)] if has else None}
     print(f"\n== {tag}: {rounds} interleaved rounds, median step ms and per-round ratio to bf16 of the same mode ==")
     for name, v in summary.items():
         print(f"{name:>28} {v['step_ms_median']:8.2f}  {v['vs_bf16_same_mode_median']}  "

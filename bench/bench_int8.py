@@ -236,11 +236,11 @@ def run_rounds(rounds: int, res: dict, x: torch.Tensor, w: torch.Tensor, bench) 
         log.append(times)
         ratios = "  ".join(f"{mode} {times['bf16'] / times[mode]:.3f}x" for mode in ops)
         print(f"  round {i}: bf16 {times['bf16']:.3f} ms  {ratios}  (sm MHz, W, C: {times['gpu_state']})", flush=True)
-    summary = {}
-    for mode in ops:
-        r = [t["bf16"] / t[mode] for t in log]
-        summary[mode] = {"median": statistics.median(r), "min": min(r), "max": max(r),
-                         "ms_median": statistics.median(t[mode] for t in log)}
+    from rounds import summarize  # bench/rounds.py (this script's directory is on sys.path when it runs)
+
+    stats = summarize(log, list(ops), lambda mode: "bf16")
+    summary = {mode: {"median": v["ratio_median"], "min": v["ratio_min"], "max": v["ratio_max"],
+                      "ms_median": v["ms_median"]} for mode, v in stats.items()}
     summary["bf16_ms_median"] = statistics.median(t["bf16"] for t in log)
     res["rounds"] = {"config": DEFAULT_ROW_CONFIG, "log": log, "summary": summary}
     print(f"  {rounds} rounds, {DEFAULT_ROW_CONFIG} vs bf16 (median [min, max] of per-round ratios): "
