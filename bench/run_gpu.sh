@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark behind the docs; each case fits one device call (the tool's 10-minute limit):
+#   (START HERE next session: `checks` re-tests the cast kernels after the _load_tile refactor of 2026-12-02, written
+#    after that session's device time; then issue 6's compiled ratio with E2E_ROUNDS, see docs/performance.md)
 #   bash bench/run_gpu.sh checks   # GPU tests (kernel bit-identity, custom ops under compile, fused optimizer step incl.
 #                                  # re-launch, fp32 masters) + the optimizer benchmark (anchor protocol)
 #   bash bench/run_gpu.sh memory   # COAT memory/time per variant (one process each) + the blockwise recipe table
