@@ -254,8 +254,8 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
     return model, opt, note
 
 
-# "lowbit_<key>_eager": the INT8 layouts (docs/int8.md) in the same anchor step; eager only (the INT8 kernels' launcher
-# is not traceable by torch.compile).
+# "lowbit_<key>_eager" / "_compile": the INT8 layouts (docs/int8.md) in the same anchor step; compiled, only the row
+# layout with round-to-nearest runs its kernels inside the graph (lowbit_amp/int8/compiled_ops.py).
 INT8_LEVELS = {"int8": "int8", "int8block": "configs/int8_block.yaml", "int8row": "configs/int8_row.yaml",
                "int8rowhp": "bench/configs/int8_row_hp.yaml"}
 E2E_VARIANTS = ["bf16_eager", "lowbit_O1_eager", "bf16_compile", "lowbit_O1_compile", "lowbit_O1_cw_compile",
@@ -356,6 +356,7 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
         row = {name: _timed_steps(step)[2] for name, step in steps.items()}
         log.append(row)
         print(f"  round {i}: " + "  ".join(f"{name} {t:.2f}" for name, t in row.items()), flush=True)
+
     def baseline_of(name: str) -> str:
         return f"bf16_{'compile' if name.endswith('compile') else 'eager'}"
 

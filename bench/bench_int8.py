@@ -218,8 +218,6 @@ def _gpu_state() -> str:
 def run_rounds(rounds: int, res: dict, x: torch.Tensor, w: torch.Tensor, bench) -> None:
     """bf16 and the default row GEMM (none / residual / hp fallback, operands pre-quantized) timed in ``rounds``
     interleaved rounds, so that both see the same clocks and temperature; the ratio is taken per round."""
-    import statistics
-
     from lowbit_amp.int8.row_scaled import quantize_rows
     from lowbit_amp.kernels.int8_row_gemm import DEFAULT_ROW_CONFIG, triton_row_mm_nt
 
@@ -238,10 +236,10 @@ def run_rounds(rounds: int, res: dict, x: torch.Tensor, w: torch.Tensor, bench) 
         print(f"  round {i}: bf16 {times['bf16']:.3f} ms  {ratios}  (sm MHz, W, C: {times['gpu_state']})", flush=True)
     from rounds import summarize  # bench/rounds.py (this script's directory is on sys.path when it runs)
 
-    stats = summarize(log, list(ops), lambda mode: "bf16")
-    summary = {mode: {"median": v["ratio_median"], "min": v["ratio_min"], "max": v["ratio_max"],
-                      "ms_median": v["ms_median"]} for mode, v in stats.items()}
-    summary["bf16_ms_median"] = statistics.median(t["bf16"] for t in log)
+    stats = summarize(log, list(fns), lambda name: "bf16")
+    summary: dict = {mode: {"median": stats[mode]["ratio_median"], "min": stats[mode]["ratio_min"],
+                            "max": stats[mode]["ratio_max"], "ms_median": stats[mode]["ms_median"]} for mode in ops}
+    summary["bf16_ms_median"] = stats["bf16"]["ms_median"]
     res["rounds"] = {"config": DEFAULT_ROW_CONFIG, "log": log, "summary": summary}
     print(f"  {rounds} rounds, {DEFAULT_ROW_CONFIG} vs bf16 (median [min, max] of per-round ratios): "
           + "  ".join(f"{mode} {v['median']:.3f}x [{v['min']:.3f}, {v['max']:.3f}]" for mode, v in summary.items()
