@@ -284,15 +284,20 @@ def anchor_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -
     return loss
 
 
-def _timed_steps(step) -> list[float]:  # type: ignore[no-untyped-def]
-    """Five timings of four back-to-back steps each (the anchor protocol), ms per step, sorted."""
+def _timed_steps(step, host: list[float] | None = None) -> list[float]:  # type: ignore[no-untyped-def]
+    """Five timings of four back-to-back steps each (the anchor protocol), ms per step, sorted. With ``host``, the
+    host's enqueue time per step of each window (until the last step returns, before the synchronisation) is
+    appended to it: a window whose host time nears its GPU time is launch-bound, not GPU-bound."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(5):
+        t0 = time.perf_counter()
         start.record()
         for _ in range(4):
             step()
         end.record()
+        if host is not None:
+            host.append((time.perf_counter() - t0) * 1e3 / 4)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 4)
     return sorted(times)
@@ -351,11 +356,17 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
         for _ in range(3):
             steps[name]()
         torch.cuda.synchronize()
-    log = []
+    log, host_log = [], []
     for i in range(rounds):
-        row = {name: _timed_steps(step)[2] for name, step in steps.items()}
+        row, host_row = {}, {}
+        for name, step in steps.items():
+            host: list[float] = []
+            row[name] = _timed_steps(step, host)[2]
+            host_row[name] = sorted(host)[2]
         log.append(row)
-        print(f"  round {i}: " + "  ".join(f"{name} {t:.2f}" for name, t in row.items()), flush=True)
+        host_log.append(host_row)
+        print(f"  round {i}: " + "  ".join(f"{name} {t:.2f} (host {host_row[name]:.2f})" for name, t in row.items()),
+              flush=True)
 
     def baseline_of(name: str) -> str:
         return f"bf16_{'compile' if name.endswith('compile') else 'eager'}"
@@ -371,7 +382,8 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
         print(f"{name:>28} {v['step_ms_median']:8.2f}  {v['vs_bf16_same_mode_median']}  "
               f"[min, max] {v['vs_bf16_same_mode_min_max']}")
     rec = {"section": "e2e_rounds", "workload": tag, "rounds": rounds, "summary": summary,
-           "log": [{k: round(t, 3) for k, t in r.items()} for r in log]}
+           "log": [{k: round(t, 3) for k, t in r.items()} for r in log],
+           "host_enqueue_ms_log": [{k: round(t, 3) for k, t in r.items()} for r in host_log]}
     emit(rec)
     return rec
 

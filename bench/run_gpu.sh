@@ -168,6 +168,14 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s20a)
+    # Session 19 (2026-12-02): the GPU re-test of the cast kernels after the _load_tile refactor, then issue 6's
+    # anchor in 9 interleaved rounds (eager and compiled) with each window's host enqueue time. ~6 min.
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py 2>&1 | tail -2 \
+      | tee "$OUT/cast_pytest.txt"
+    E2E_ROUNDS=9 BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile \
+      timeout 330 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -16
+    ;;
   s19d)
     # Session 18: the compiled cast through torch.library.triton_op (VIA_TRITON_OP, off): its GPU test, and only if
     # it passes, compiled bf16 / O1 (dispatcher op) / O1 (triton_op) in interleaved rounds. ~4 min.
