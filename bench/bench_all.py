@@ -237,6 +237,8 @@ def _make_variant(name: str, dim: int, heads: int, ffn: int, layers: int):  # ty
         # weight cast), kept as the A/B of that change (issue 6, docs/performance.md).
         if "_dw_" in name or "_cw_" in name:
             overrides["linear"] = {"weight": {"scaling": {"algo": "delayed" if "_dw_" in name else "current"}}}
+        if "_noshare_" in name:  # every layer casts its own input (lowbit_amp/nn/shared_input_cast.py off)
+            overrides.setdefault("linear", {})["share_input_cast"] = False
         level = next((lvl for key, lvl in INT8_LEVELS.items() if f"_{key}_" in name), "O1")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the policy-kept-everything warning; the note below says it

@@ -153,6 +153,9 @@ class LinearConfig:
     fast_accum_forward: bool = True
     # Fused Triton casts on CUDA in eager mode (lowbit_amp/kernels/dispatch.py); False runs the reference ops.
     fused_cast: bool = True
+    # Layers fed the same tensor object (SwiGLU's w1/w3, separate q/k/v) share one FP8 cast of it, each recording the
+    # amax into its own state (lowbit_amp/nn/shared_input_cast.py); set up by amp.initialize.
+    share_input_cast: bool = True
     # ``step``: FP8 W and Wᵀ are cast once per optimizer step and kept until it (the fastest with gradient
     # accumulation). ``none``: W is cast in every forward and dropped after its GEMM, and backward re-casts Wᵀ from the
     # weight with forward's scale (same codes) — no FP8 weight copy is held, 2 B/param less at the peak (eager; compiled

@@ -19,6 +19,7 @@ from lowbit_amp.capability import fp8_gemm_supported
 from lowbit_amp.config import ConfigError, LossScalingConfig, LowBitConfig
 from lowbit_amp.levels import resolve_config
 from lowbit_amp.loss_scaler import DynamicLossScaler
+from lowbit_amp.nn.shared_input_cast import attach as attach_shared_input_cast
 from lowbit_amp.nn.swap import ConversionReport, convert_linears
 from lowbit_amp.scaling.manager import ScalingManager
 
@@ -115,6 +116,7 @@ def initialize(
     config = resolve_config(opt_level, flat)
     _check_capability(config, _model_device(model))
     report = convert_linears(model, config)
+    attach_shared_input_cast(model)
     manager = ScalingManager(model, sync_amax=config.comm.sync_amax)
     setattr(model, STATE_ATTR, AmpState(config, report, manager))
     if config.monitor:  # hooks exist only when asked for, so the monitor costs nothing when off

@@ -148,9 +148,12 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
             tl.store(pending_ptr, 0.0)
             tl.store(nonfinite_ptr, tl.full((), 0, tl.int64))
     if RECORD:
+        # The tensor's own amax (NaN/inf as found) also goes to scale_out[1]: a sibling layer that reuses this cast
+        # (lowbit_amp/nn/shared_input_cast.py) records it into its own state.
         if CURRENT:
             if pid == 0:
                 _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH)
+                tl.store(scale_out_ptr + 1, amax_bits.to(tl.float32, bitcast=True))
         else:
             tl.atomic_max(scratch_ptr, tl.max(tl.max(acc, 1), 0))
             # acq_rel atomics: the program that sees the count reach the grid size also sees every atomic_max.
@@ -159,6 +162,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
                 total_bits = tl.atomic_xchg(scratch_ptr, 0)
                 tl.atomic_xchg(scratch_ptr + 1, 0)
                 _fold_amax(total_bits, pending_ptr, nonfinite_ptr, FRESH)
+                tl.store(scale_out_ptr + 1, total_bits.to(tl.float32, bitcast=True))
 
 
 class _Launcher:
@@ -230,7 +234,8 @@ def launch_cast(
     fresh: bool = False, wrapped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The kernels behind both entry points: ``(lp, lpᵀ or None, scale_out)``, ``scale_out[0]`` = the scale used
-    when ``current``, ``scale_out[4]`` = its inverse. With ``record`` the tensor's amax is folded into ``pending`` /
+    when ``current``, ``scale_out[4]`` = its inverse, ``scale_out[1]`` = the tensor's amax (only with ``record``;
+    NaN/inf when it holds one). With ``record`` the tensor's amax is also folded into ``pending`` /
     ``nonfinite`` (and ``scratch``, all-zero int32[2], is used and left all-zero) exactly as ScalingState.record;
     ``fresh``: ``pending``/``nonfinite`` are uninitialised and receive this tensor's contribution alone (the FP8
     weight-gradient encoder's use).
@@ -280,8 +285,9 @@ def launch_cast(
 
 def fused_quantize(
     x2d: torch.Tensor, state: ScalingState, want_transpose: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``(lp, lpᵀ or None, scale, 1/scale)`` — same values and state updates as the reference quantize_operand.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(lp, lpᵀ or None, scale, 1/scale, amax or None)`` — same values and state updates as the reference
+    quantize_operand; ``amax`` is the tensor's amax when the state records one (delayed scaling), else None.
 
     Preconditions (checked by :func:`lowbit_amp.kernels.dispatch.fused_cast_unavailable`): CUDA 2-D non-empty
     float tensor, tensorwise FP8 state, round-to-nearest, no power-of-2 scales. Eager only: it updates the state's
@@ -296,4 +302,4 @@ def fused_quantize(
         want_transpose, state.pending_amax, state.nonfinite_count,
         state.cast_scratch if (record and not current) else None)
     scale = scale_out[0] if current else state.scale
-    return lp, lp_t, scale, scale_out[4]
+    return lp, lp_t, scale, scale_out[4], (scale_out[1] if record else None)

@@ -50,7 +50,8 @@ def fp8_cast(
     nonfinite_count: torch.Tensor, out_dtype: torch.dtype, fmt_max: float, target: float, current: bool,
     record: bool, want_transpose: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lp, lpᵀ or an empty tensor, scale_out[8])``; with ``record``, ``x``'s amax is folded into ``pending_amax``
+    """``(lp, lpᵀ or an empty tensor, scale_out[8])`` (layout: :func:`lowbit_amp.kernels.fp8_cast.launch_cast`);
+    with ``record``, ``x``'s amax is folded into ``pending_amax``
     and ``nonfinite_count`` in place (see the module docstring; untouched without ``record``).
 
     ``scratch`` is the state's all-zero ``cast_scratch`` words: the one-pass delayed cast counts finished programs
@@ -119,7 +120,7 @@ def _fp8_cast_fake(x, scale, scratch, pending_amax, nonfinite_count, out_dtype, 
 
 def traceable_fused_quantize(
     x2d: torch.Tensor, state: "ScalingState", want_transpose: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Same contract as :func:`lowbit_amp.kernels.fp8_cast.fused_quantize`, traceable by ``torch.compile``."""
     fmt = state.fmt
     current = not (state.config.algo == "static" or (state.delayed and state._warm))
@@ -129,4 +130,4 @@ def traceable_fused_quantize(
         x2d, state.scale, state.cast_scratch, state.pending_amax, state.nonfinite_count, fmt.dtype, fmt.max,
         fmt.max / (2.0 ** state.config.margin), current, record, want_transpose)
     scale = scale_out[0] if current else state.scale
-    return lp, (lp_t if want_transpose else None), scale, scale_out[4]
+    return lp, (lp_t if want_transpose else None), scale, scale_out[4], (scale_out[1] if record else None)

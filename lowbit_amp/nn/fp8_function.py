@@ -55,15 +55,19 @@ class Fp8LinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         layer: "LowBitLinear",
         out_dtype: torch.dtype,
+        x_lp: torch.Tensor,
+        x_t_lp: torch.Tensor | None,
+        x_scale: torch.Tensor,
+        x_scale_inv: torch.Tensor | None,
     ) -> torch.Tensor:
+        """``x``'s FP8 cast comes in made (``x_lp``, ``x_t_lp`` where the weight needs a gradient, the scale and its
+        inverse): :meth:`LowBitLinear.forward` makes it, or takes a sibling layer's (shared_input_cast.py)."""
         cfg = layer.lb_config
         x2d = x.reshape(-1, x.shape[-1])
         in_gran = layer.input_scaling.granularity
         w_gran = layer.weight_scaling.granularity
         tensorwise = in_gran.is_tensorwise and w_gran.is_tensorwise
-        # Tensorwise: the backward GEMMs read xᵀ and Wᵀ; make them in the same (fused, on CUDA) pass as x and W.
-        x_lp, x_t_lp, x_scale, x_scale_inv = quantize_operand_t(
-            x2d, layer.input_scaling, tensorwise and ctx.needs_input_grad[1], cfg.fused_cast)
+        # Tensorwise: the backward GEMMs read xᵀ and Wᵀ, made in the same (fused, on CUDA) pass as x and W.
         w_t_lp = None
         # weight_cache: none (eager): W is cast here and freed after the GEMM; backward re-casts Wᵀ with this scale.
         recast = (cfg.weight_cache == "none" and tensorwise and not torch.compiler.is_compiling()
@@ -144,4 +148,4 @@ class Fp8LinearFunction(torch.autograd.Function):
             dw = layer._weight_grad_output(dw)
         if need_db:
             db = dy2d.float().sum(0).to(layer.bias.dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None, None, None, None

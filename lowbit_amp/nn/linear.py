@@ -47,6 +47,7 @@ class LowBitLinear(nn.Linear):
     def _setup(self, config: LinearConfig) -> None:
         self.lb_config = config
         self._weight_cache: tuple | None = None
+        self._share_input_cast = False  # set by amp.initialize (lowbit_amp/nn/shared_input_cast.py)
         device = self.weight.device
         if config.compute == "fp8":
             self.input_scaling = ScalingState(config.input.scaling, config.input.format, config.input.rounding).to(device)
@@ -145,8 +146,17 @@ class LowBitLinear(nn.Linear):
         with torch.autocast(device_type, enabled=False):
             if compute == "fp8":
                 from lowbit_amp.nn.fp8_function import Fp8LinearFunction
+                from lowbit_amp.nn.shared_input_cast import cast_input
 
-                return Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype)
+                # The input cast runs here, outside the autograd.Function, so that a sibling fed the same tensor can
+                # share it (shared_input_cast.py; Dynamo cannot trace that slot's side effects inside a Function).
+                # Tensorwise: the cast also makes the xᵀ the weight-gradient GEMM reads.
+                tensorwise = self.input_scaling.granularity.is_tensorwise and self.weight_scaling.granularity.is_tensorwise
+                want_t = tensorwise and self.weight.requires_grad and torch.is_grad_enabled()
+                x_lp, x_t_lp, x_scale, x_scale_inv, _ = cast_input(
+                    x, self.input_scaling, want_t, self.lb_config.fused_cast, self._share_input_cast)
+                return Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype, x_lp, x_t_lp, x_scale,
+                                               x_scale_inv)
             from lowbit_amp.nn.int8_function import Int8LinearFunction
 
             return Int8LinearFunction.apply(x.to(out_dtype), self.weight, self.bias, self)
