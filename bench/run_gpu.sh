@@ -168,6 +168,16 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s20b)
+    # Session 19: the shared input cast (GPU bit-equality with the unshared run, eager and compiled; the kernel's amax
+    # slot), the cast launch-shape sweep with 128-row tiles and the L2 hint, then the anchor in 7 interleaved rounds
+    # with and without sharing. ~6 min.
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_cast_gpu.py \
+      tests/gpu/test_shared_input_cast_gpu.py 2>&1 | tail -4 | tee "$OUT/pytest.txt"
+    timeout 150 python bench/bench_cast_sweep.py --rounds 3 --out "$OUT" 2>&1 | tail -10
+    E2E_ROUNDS=7 BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,lowbit_O1_noshare_eager,bf16_compile,lowbit_O1_compile,lowbit_O1_noshare_compile \
+      timeout 300 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | tail -9
+    ;;
   s20a)
     # Session 19 (2026-12-02): the GPU re-test of the cast kernels after the _load_tile refactor, then issue 6's
     # anchor in 9 interleaved rounds (eager and compiled) with each window's host enqueue time. ~6 min.

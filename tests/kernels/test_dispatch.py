@@ -80,8 +80,9 @@ def test_under_compile_the_kernel_serves_as_a_custom_op(monkeypatch: pytest.Monk
     x = _fake_cuda(torch.zeros(8, 16, dtype=torch.bfloat16))
     assert fused_cast_unavailable(x, state) is None
     calls: list[bool] = []
-    monkeypatch.setattr(operand, "traceable_fused_quantize", lambda x2d, st, want_t: calls.append(want_t) or "op")
-    assert quantize_operand_t(x, state, True) == "op" and calls == [True]
+    made = tuple(torch.zeros(1) for _ in range(5))
+    monkeypatch.setattr(operand, "traceable_fused_quantize", lambda x2d, st, want_t: calls.append(want_t) or made)
+    assert quantize_operand_t(x, state, True) == made[:4] and calls == [True]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     assert "lowbit_amp::fp8_cast" in str(torch.ops.lowbit_amp.fp8_cast.default._schema)
 
