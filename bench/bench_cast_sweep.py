@@ -27,13 +27,13 @@ import torch
 STEP_SHAPES = {(8192, 4096): 10, (8192, 14336): 6, (8192, 12288): 2, (12288, 4096): 2, (4096, 4096): 2,
                (14336, 4096): 4, (4096, 14336): 2}
 # (8192, 4096) was 12 per step until w3 began sharing w1's cast of h (lowbit_amp/nn/shared_input_cast.py, 2026-12-02).
-# (tile rows, tile cols, programs per SM or None for one program per tile, warps, L2 evict-first hint on the read).
-# Run zo (H200, 2026-12-02): 64x128 tiles, 8 warps, one program per tile 2.435 / 2.431 ms of casts per anchor step,
-# 8 per SM 2.366 / 2.359 (the default since), 16 per SM 2.378, 4 warps 2.372, 32x128 2.580, 64x256 one per tile 2.444.
-# Session 19 adds 128-row tiles (the transposed copy's rows become 128 contiguous bytes, not 64) and the L2 hint.
-SETTINGS = [(64, 128, 8, 8, False), (128, 128, 8, 8, False), (128, 128, 4, 16, False), (128, 128, 8, 16, False),
-            (128, 64, 8, 8, False), (64, 128, 8, 8, True), (64, 128, 8, 8, False), (128, 128, 4, 16, True)]
-KNOBS = ("_BLOCK_M", "_BLOCK_K", "PROGRAMS_PER_SM", "_NUM_WARPS", "_EVICT_FIRST")
+# (tile rows, tile cols, programs per SM or None for one program per tile, warps). Run zo (H200, 2026-12-02): 64x128
+# tiles, 8 warps, one program per tile 2.435 / 2.431 ms of casts per anchor step, 8 per SM 2.366 / 2.359 (the default
+# since), 16 per SM 2.378, 4 warps 2.372, 32x128 2.580, 64x256 one per tile 2.444. Run zr (28 casts after sharing):
+# default 2.258 / 2.271, 128x128 8 warps 2.833, 16 warps 2.593 (4 per SM) / 2.738 (8 per SM), 128x64 2.465, and an L2
+# evict-first hint on the read (a knob since removed) 2.348.
+SETTINGS = [(64, 128, 8, 8), (128, 128, 4, 16), (128, 64, 8, 8), (64, 128, 8, 8), (64, 128, 16, 8)]
+KNOBS = ("_BLOCK_M", "_BLOCK_K", "PROGRAMS_PER_SM", "_NUM_WARPS")
 
 
 def main() -> None:
@@ -95,8 +95,7 @@ def main() -> None:
         step_ms = sum(med[shape] * n for shape, n in STEP_SHAPES.items())
         floor = {shape: 4 * shape[0] * shape[1] / bw / 1e9 for shape in STEP_SHAPES}  # read bf16, write lp + lpᵀ
         cells = "  ".join(f"{r}x{c} {med[(r, c)]:.3f} ({floor[(r, c)] / med[(r, c)]:.0%})" for r, c in STEP_SHAPES)
-        print(f"tile {setting[0]}x{setting[1]} programs/SM {str(setting[2]):>4} warps {setting[3]:>2} evict_first "
-              f"{setting[4]:d}: "
+        print(f"tile {setting[0]}x{setting[1]} programs/SM {str(setting[2]):>4} warps {setting[3]:>2}: "
               f"step casts {step_ms:.3f} ms   {cells}", flush=True)
         rows.append({**dict(zip(KNOBS, setting)), "step_cast_ms": step_ms,
                      "ms": {f"{r}x{c}": v for (r, c), v in med.items()}})

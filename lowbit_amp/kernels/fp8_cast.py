@@ -50,10 +50,10 @@ _BLOCK_K = 128
 _NUM_WARPS = 8
 # Cast programs per SM (grid-stride over the tiles); None: one program per tile, as before 2026-12-02. Measured by
 # bench/bench_cast_sweep.py (H200, run zo): the 4096-wide anchor step's 30 casts 2.435 ms one per tile -> 2.366 ms at
-# 8 per SM (16: 2.378; 4 warps: 2.372), repeats within 0.3%.
+# 8 per SM (16: 2.378; 4 warps: 2.372), repeats within 0.3%. Run zr (same protocol, 3 rounds): 128-row tiles (the
+# transposed copy's rows 128 contiguous bytes) 15-25% slower with 8 or 16 warps, 128x64 9% slower, an L2 evict-first
+# hint on the read 3-4% slower: none kept.
 PROGRAMS_PER_SM: int | None = 8
-# L2 streaming hint on the cast's one read of x (bench/bench_cast_sweep.py measures it; off until it shows a gain).
-_EVICT_FIRST = False
 
 
 @triton.jit
@@ -85,19 +85,13 @@ def _fold_amax(amax_bits, pending_ptr, nonfinite_ptr, FRESH: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, tile, tiles_k, M, K, stride_m, stride_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVICT_FIRST: tl.constexpr):
+def _load_tile(x_ptr, tile, tiles_k, M, K, stride_m, stride_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tile ``tile`` (row-major over ``BLOCK_M x BLOCK_K`` tiles) of x as fp32, with its offsets and mask; a tile
-    index past the end lands beyond row M and is fully masked (the grid-stride loops' last round). ``EVICT_FIRST``:
-    an L2 streaming hint for a tensor read once."""
+    index past the end lands beyond row M and is fully masked (the grid-stride loops' last round)."""
     offs_m = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    ptrs = x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k
-    if EVICT_FIRST:
-        x = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=mask, other=0.0)
     return x.to(tl.float32), offs_m, offs_k, mask
 
 
@@ -112,7 +106,7 @@ def _amax_partials_kernel(x_ptr, partials_ptr, M, K, stride_m, stride_k, iters,
     tiles_k = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
     for i in range(0, iters):
-        x, _, _, _ = _load_tile(x_ptr, pid + i * programs, tiles_k, M, K, stride_m, stride_k, BLOCK_M, BLOCK_K, False)
+        x, _, _, _ = _load_tile(x_ptr, pid + i * programs, tiles_k, M, K, stride_m, stride_k, BLOCK_M, BLOCK_K)
         acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
     tl.store(partials_ptr + pid, tl.max(tl.max(acc, 1), 0))
 
@@ -122,7 +116,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
                  scale_ptr, partials_ptr, n_partials, scale_out_ptr, pending_ptr, nonfinite_ptr, scratch_ptr, iters,
                  TARGET: tl.constexpr, FMT_MAX: tl.constexpr, MAX_SCALE_C: tl.constexpr,
                  CURRENT: tl.constexpr, RECORD: tl.constexpr, WRITE_T: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr, EVICT_FIRST: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FRESH: tl.constexpr):
     """Grid-stride over ``BLOCK_M x BLOCK_K`` tiles (``iters`` per program; a tile index past the end lands beyond
     row M and is fully masked), so the delayed path's two same-address atomics (and their acq_rel fences) run once
     per *program*, not once per tile: one program per tile made 8192 of them per 16384x4096 cast."""
@@ -138,7 +132,7 @@ def _cast_kernel(x_ptr, lp_ptr, lpt_ptr, M, K, stride_m, stride_k,
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # |x| bit patterns (delayed + record only)
     for i in range(0, iters):
         x, offs_m, offs_k, mask = _load_tile(x_ptr, pid + i * programs, tiles_k, M, K, stride_m, stride_k, BLOCK_M,
-                                             BLOCK_K, EVICT_FIRST)
+                                             BLOCK_K)
         scaled = tl.clamp(x * scale, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
         lp = scaled.to(lp_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(lp_ptr + offs_m[:, None] * K + offs_k[None, :], lp, mask=mask)
@@ -285,7 +279,6 @@ def launch_cast(
         TARGET=target, FMT_MAX=fmt_max, MAX_SCALE_C=MAX_SCALE,
         CURRENT=current, RECORD=record, WRITE_T=write_t,
         PARTIALS_BLOCK=_next_pow2(n_partials), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, FRESH=fresh,
-        EVICT_FIRST=_EVICT_FIRST,
     )
     if want_transpose and not write_t:
         lp_t = lp.t().contiguous()
