@@ -168,6 +168,12 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s20c)
+    # Session 19: issue 6's confirmation with today's code (shared input cast on): both anchor workloads, eager and
+    # compiled, 9 interleaved rounds each. ~5 min.
+    E2E_ROUNDS=9 BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile \
+      timeout 500 python bench/bench_all.py e2e_big e2e_small 2>&1 | grep -v "^{" | grep -v "round " | tail -14
+    ;;
   s20b)
     # Session 19: the shared input cast (GPU bit-equality with the unshared run, eager and compiled; the kernel's amax
     # slot), the cast launch-shape sweep with 128-row tiles and the L2 hint, then the anchor in 7 interleaved rounds
