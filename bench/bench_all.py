@@ -461,6 +461,30 @@ def profile(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, s
         f.write(table)
     print(f"\n== profile {tag} {variant} (2 steps) ==")
     print("\n".join(table.splitlines()[:25]))
+    by_kind = kernel_time_by_kind(prof, steps=2)
+    print(f"GPU kernel ms per step by kind: {by_kind}")
+    emit({"section": "profile_by_kind", "workload": tag, "variant": variant, "ms_per_step": by_kind})
+
+
+KERNEL_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "_mm_kernel")), ("fp8_cast", ("_cast_kernel", "_amax_partials")),
+                ("attention", ("flash", "sdpa", "fmha", "attention")), ("optimizer", ("multi_tensor_apply", "adam")),
+                ("memset", ("memset",)))
+
+
+def kernel_time_by_kind(prof, steps: int) -> dict:  # type: ignore[no-untyped-def]
+    """GPU kernel time per step grouped by name (GEMMs, FP8 casts, attention, optimizer, memsets, the rest): where a
+    step's time goes, to set against the bytes or FLOPs each kind must move."""
+    from torch.autograd import DeviceType
+
+    sums: dict[str, float] = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for event in prof.events():  # device-side events only: key_averages' ops also carry their kernels' time
+        if event.device_type != DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        sums[kind] += event.time_range.elapsed_us()
+    total = sum(sums.values())
+    return {k: round(v / 1e3 / steps, 3) for k, v in sums.items()} | {"total": round(total / 1e3 / steps, 3)}
 
 
 def main(argv: list[str]) -> None:

@@ -168,6 +168,13 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  s20d)
+    # Session 19: where the compiled step's GPU time goes after sharing (kernel time by kind, O1 and bf16), then 9
+    # more interleaved rounds of the 4096-wide anchor. ~4 min.
+    timeout 200 python bench/bench_all.py profile_compile 2>&1 | grep "GPU kernel ms"
+    E2E_ROUNDS=9 BENCH_VARIANTS=bf16_eager,lowbit_O1_eager,bf16_compile,lowbit_O1_compile \
+      timeout 300 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | grep -v "round " | tail -6
+    ;;
   s20c)
     # Session 19: issue 6's confirmation with today's code (shared input cast on): both anchor workloads, eager and
     # compiled, 9 interleaved rounds each. ~5 min.
