@@ -480,6 +480,8 @@ def kernel_time_by_kind(prof, steps: int) -> dict:  # type: ignore[no-untyped-de
     for event in prof.events():  # device-side events only: key_averages' ops also carry their kernels' time
         if event.device_type != DeviceType.CUDA:
             continue
+        if getattr(event, "is_user_annotation", False) or "#" in event.name:
+            continue  # record_function ranges mirrored on the GPU ("## step ##", "Optimizer.step#AdamW.step"): not kernels
         name = event.name.lower()
         kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
         sums[kind] += event.time_range.elapsed_us()
