@@ -40,6 +40,7 @@ DESCRIPTIONS: dict[str, str] = {
     "linear.*.rounding": "How this operand's casts round: `nearest` (even) or `stochastic` (unbiased; reference ops, not the fused cast kernel).",
     "linear.fast_accum_forward": "Let the forward FP8 GEMM use tensor-core fast accumulation (backward GEMMs always accumulate in FP32).",
     "linear.fused_cast": "Use the fused Triton cast kernels on CUDA in eager mode; `false` runs the reference PyTorch ops.",
+    "linear.share_input_cast": "Layers fed the same tensor (SwiGLU's w1/w3, separate q/k/v projections) share one FP8 cast of it; each still records the amax into its own scaling state.",
     "linear.weight_cache": "`step`: FP8 W/Wᵀ cast once per optimizer step and kept until it; `none`: cast per forward, Wᵀ re-cast in backward, no FP8 weight copy held (eager; saves 2 B/param at the peak).",
     "linear.weight_grad": "Format of the weight gradient handed to the optimizer: `hp` (model dtype) or FP8 (`e4m3`/`e5m2`) with a scale (O2+).",
     "linear.grad_accumulation": "How FP8 weight gradients accumulate over micro-batches: `rescale` to a shared scale, or in `fp32`.",
