@@ -14,7 +14,7 @@ import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks, quantize_blocks
 from lowbit_amp.int8.compiled_ops import compiled_quantize_rows, use_compiled_ops
-from lowbit_amp.int8.fallback import HP_DTYPE, FallbackOperand, quantize_with_fallback
+from lowbit_amp.int8.fallback import FallbackOperand, quantize_with_fallback, to_hp
 from lowbit_amp.int8.row_scaled import ROW, quantize_rows
 from lowbit_amp.quant.granularity import Granularity
 
@@ -52,7 +52,7 @@ def _quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: float, fallb
                 # for the fused residual at 16384x4096, H200 run s)
                 op.main.q.masked_fill_(op.element_mask(), 0)
                 op.mode, op.residual = "hp", None
-                op.hp = x2d.to(HP_DTYPE)  # a view when x2d is bf16 already
+                op.hp = to_hp(x2d)  # a view when x2d is bf16 already
             return op
         return triton_quantize_rows(x2d, tile.cols, fallback, threshold, mode=mode, flags=given)  # type: ignore[arg-type]
     return quantize_rows(x2d, tile if fallback else None, threshold, rounding, generator, mode, given)

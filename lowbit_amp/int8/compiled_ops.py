@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
-from lowbit_amp.int8.fallback import HP_DTYPE, FallbackOperand, main_of
+from lowbit_amp.int8.fallback import FallbackOperand, main_of, to_hp
 from lowbit_amp.int8.row_scaled import ROW, is_row_scaled
 from lowbit_amp.quant.granularity import Granularity
 
@@ -112,7 +112,7 @@ def compiled_quantize_rows(x2d: torch.Tensor, tile: Granularity, threshold: floa
         return main
     used = flags if flags is not None else out_flags
     if hp:
-        return FallbackOperand(main, tile, used, "hp", hp=x2d.to(HP_DTYPE))
+        return FallbackOperand(main, tile, used, "hp", hp=to_hp(x2d))
     return FallbackOperand(main, tile, used, "residual", residual=Int8Blocks(q2, scale2, ROW))
 
 

@@ -28,10 +28,30 @@ import torch
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
 from lowbit_amp.quant.granularity import Granularity, amax
 
-__all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "main_of", "quantize_with_fallback", "require_b_hp"]
+__all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "main_of", "quantize_with_fallback", "require_b_hp",
+           "to_hp"]
 
 FALLBACK_MODES = ("residual", "hp")
 HP_DTYPE = torch.bfloat16  # the "16-bit product" of hp mode
+
+
+def to_hp(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to :data:`HP_DTYPE` (bf16, round-to-nearest-even), the operand of hp fallback's 16-bit product.
+
+    Why not just ``x.to(bf16)``: a compiled graph that later reads it as ``.float()`` may drop the round trip —
+    Inductor on torch 2.11 does for the block layout's fallback on CPU even with ``emulate_precision_casts`` (14004 of
+    32768 outputs off by up to 0.1 against eager, tests/nn/test_compile.py on the H200, run zu) — and compute the
+    fallback product from unrounded FP32 operands. While compiling, the rounding is therefore done on the bits
+    (``bits + 0x7FFF + lsb`` then truncation: the same RNE values, NaN kept), which no pass can fold away; eager
+    keeps the one-kernel cast. A bf16 input is returned as is."""
+    if x.dtype == HP_DTYPE:
+        return x
+    if not torch.compiler.is_compiling():
+        return x.to(HP_DTYPE)
+    xf = x.float()
+    bits = xf.view(torch.int32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
+    return torch.where(torch.isnan(xf), xf, rounded).to(HP_DTYPE)
 _FLAGS_KERNEL_TILES = 32768  # = lowbit_amp.kernels.outlier_flags.MAX_TILES (a test keeps them equal)
 
 
@@ -147,5 +167,5 @@ def quantize_with_fallback(
         operand.residual = quantize_blocks(missed, act, rounding=rounding, generator=generator)
     else:
         main.q = main.q.masked_fill(mask, 0)
-        operand.hp = x2d.to(HP_DTYPE)
+        operand.hp = to_hp(x2d)
     return operand

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks
 from lowbit_amp.int8.compiled_ops import compiled_row_mm, use_compiled_ops
-from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp
+from lowbit_amp.int8.fallback import FallbackOperand, main_of, require_b_hp, to_hp
 from lowbit_amp.int8.row_scaled import ROW, finish_gemm, is_row_scaled, reference_row_mm_nt, row_mm_chunked
 from lowbit_amp.quant.granularity import Granularity
 
@@ -91,7 +91,7 @@ def reference_block_mm_nt(
             sr_inv = _row_scale_inv(a.residual, rows)
         else:  # converted once, not per K block (elementwise conversions: the same values, fewer ops)
             assert a.hp is not None
-            a_hp, b_hp = a.hp.float(), require_b_hp(b_hp).to(a.hp.dtype).float()
+            a_hp, b_hp = a.hp.float(), to_hp(require_b_hp(b_hp)).float()
         for kb in range(n_kb):
             ks = slice(kb * bk, min(k_dim, (kb + 1) * bk))
             if a.mode == "residual":

@@ -33,11 +33,11 @@ from lowbit_amp.formats import INT8
 from lowbit_amp.int8.block_quant import Int8Blocks, expand_blocks, quantize_blocks
 from lowbit_amp.int8.fallback import (
     FALLBACK_MODES,
-    HP_DTYPE,
     FallbackOperand,
     detect_outlier_tiles,
     main_of,
     require_b_hp,
+    to_hp,
 )
 from lowbit_amp.quant.cast import compute_scale, quantize
 from lowbit_amp.quant.granularity import Granularity, amax
@@ -94,7 +94,7 @@ def quantize_rows(
     operand = FallbackOperand(main, tile_g, flags, mode)
     if mode == "hp":
         main.q = main.q.masked_fill(operand.element_mask(), 0)
-        operand.hp = x2d.to(HP_DTYPE)
+        operand.hp = to_hp(x2d)
         return operand
     missed = torch.where(operand.element_mask(), x2d.float() - main.dequantize(torch.float32), 0.0)
     operand.residual = quantize_blocks(missed, ROW, rounding=rounding, generator=generator)
@@ -193,7 +193,7 @@ def _reference_row_mm(
     if isinstance(a, FallbackOperand) and a.mode == "hp":
         assert a.hp is not None
         a_hp = torch.where(a.element_mask(), a.hp, 0).float()  # bf16 values, FP32 products and sums
-        return finish_gemm(out * sb_inv + a_hp @ require_b_hp(b_hp).to(HP_DTYPE).float().t(), bias, out_dtype)
+        return finish_gemm(out * sb_inv + a_hp @ to_hp(require_b_hp(b_hp)).float().t(), bias, out_dtype)
     if isinstance(a, FallbackOperand):
         assert a.residual is not None
         q2 = a.residual.q.masked_fill(~a.element_mask(), 0)  # the kernel reads flagged tiles only

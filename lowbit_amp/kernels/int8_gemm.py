@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
-from lowbit_amp.int8.fallback import HP_DTYPE, FallbackOperand, detect_outlier_tiles, main_of, require_b_hp
+from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles, main_of, require_b_hp, to_hp
 
 __all__ = ["GemmConfig", "CONFIGS", "fallback_index", "kernel_supports", "triton_block_mm_nt", "triton_quantize_act"]
 
@@ -362,5 +362,5 @@ def triton_quantize_act(
     if mode_id == 1:
         operand.residual = Int8Blocks(q2, scale2, Granularity(1, block_k))
     else:
-        operand.hp = x2d.to(HP_DTYPE)  # a view when x2d is bf16 already
+        operand.hp = to_hp(x2d)  # a view when x2d is bf16 already
     return operand

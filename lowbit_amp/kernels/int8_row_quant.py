@@ -38,7 +38,7 @@ import math
 import torch
 
 from lowbit_amp.int8.block_quant import Int8Blocks
-from lowbit_amp.int8.fallback import HP_DTYPE, FallbackOperand, detect_outlier_tiles
+from lowbit_amp.int8.fallback import FallbackOperand, detect_outlier_tiles, to_hp
 from lowbit_amp.int8.row_scaled import ROW, check_given_flags, quantize_rows
 from lowbit_amp.kernels.int8_gemm import TILE_M, _interpreting, _Launcher
 from lowbit_amp.quant.granularity import Granularity
@@ -196,4 +196,4 @@ def _quantize_split(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, blo
 def _hp_operand(main: Int8Blocks, tile: Granularity, flags: torch.Tensor, x2d: torch.Tensor) -> FallbackOperand:
     """The ``hp`` fallback operand: codes with the flagged tiles zeroed, and ``x2d`` itself as the 16-bit values
     (a view when it is bf16 already, the weight gradient's transposed activations included)."""
-    return FallbackOperand(main, tile, flags, "hp", hp=x2d.to(HP_DTYPE))
+    return FallbackOperand(main, tile, flags, "hp", hp=to_hp(x2d))

@@ -38,11 +38,11 @@ __all__ = ["attach", "cast_input", "release"]
 _SLOT: list = []
 
 
-def _key(state: "ScalingState") -> tuple:
+def _key(state: ScalingState) -> tuple:
     return (state.fmt, state.config, state.rounding, state._warm)
 
 
-def cast_input(x: torch.Tensor, state: "ScalingState", want_transpose: bool, use_kernel: bool,
+def cast_input(x: torch.Tensor, state: ScalingState, want_transpose: bool, use_kernel: bool,
                share: bool) -> OperandCast:
     """The FP8 cast of layer input ``x`` (any leading dims) with ``state``: the slot's when ``share`` and it matches
     (then ``state`` records its amax), else a fresh one (kept in the slot when ``share``). No grad is recorded."""

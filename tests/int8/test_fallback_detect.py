@@ -95,3 +95,28 @@ def test_kernel_size_limit_is_the_dispatch_limit() -> None:
     assert fallback._FLAGS_KERNEL_TILES == MAX_TILES
     with pytest.raises(ValueError, match="detect_outlier_tiles"):
         triton_outlier_flags(torch.zeros(MAX_TILES + 1), 6.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_to_hp_rounds_on_the_bits_exactly_as_the_cast(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While compiling, hp fallback operands are rounded to bf16 on the bits (so no compiler pass can drop the round
+    trip); that path must give ``x.to(bfloat16)``'s bits: random values over 60 binades, round-to-even ties, values
+    that round up into the next binade or to inf, subnormals, signed zeros, inf and NaN."""
+    from lowbit_amp.int8.fallback import to_hp
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4099, generator=gen) * torch.exp2(torch.randint(-30, 30, (4099,), generator=gen).float())
+    one = torch.tensor(1.0).view(torch.int32)
+    ties = (one + torch.tensor([0x8000, 0x18000, 0x7FFF, 0xFFFF, 0x17FFF])).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 3.3895e38, 3.4e38, -3.4028e38, float("inf"), float("-inf"),
+                          float("nan"), 65504.0, -1.5])
+    x = torch.cat([x, ties, -ties, edges]).to(dtype)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = to_hp(x)
+    want = x.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16))
+    bf = x.to(torch.bfloat16)
+    assert to_hp(bf) is bf
