@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark behind the docs; each case fits one device call (the tool's 10-minute limit):
-#   (START HERE next session: `checks` re-tests the cast kernels after the _load_tile refactor of 2026-12-02, written
-#    after that session's device time; then issue 6's compiled ratio with E2E_ROUNDS, see docs/performance.md)
+#   (Nothing written without device time is pending as of 2026-12-02's fourth session: runs zq-zv.)
 #   bash bench/run_gpu.sh checks   # GPU tests (kernel bit-identity, custom ops under compile, fused optimizer step incl.
 #                                  # re-launch, fp32 masters) + the optimizer benchmark (anchor protocol)
 #   bash bench/run_gpu.sh memory   # COAT memory/time per variant (one process each) + the blockwise recipe table
@@ -14,6 +13,8 @@
 #   bash bench/run_gpu.sh issue7b  # the same after the SwiGLU rework + GPU parity of configs/O3_low_memory.yaml
 #   bash bench/run_gpu.sh issue7c  # which pieces the low-memory recipe needs + 5-seed GPU parity
 #   bash bench/run_gpu.sh issue7d  # paired parity: O3 vs O3_low_memory, O2 vs O2_low_memory (5 seeds)
+#   bash bench/run_gpu.sh s20a..s20d  # session 19 (2026-12-02): cast re-test + rounds with host times, the shared
+#                                  # input cast (GPU tests, cast sweep, rounds with/without), issue 6's confirmation, profile
 #   bash bench/run_gpu.sh s19 / s19b / s19c / s19d  # session 18 (2026-12-02): interleaved-round ratios (INT8 GEMM, anchor
 #                                  # step), the grid-stride FP8 cast (tests, sweep), the compiled cast as a triton_op
 #   bash bench/run_gpu.sh s18 / s18b  # session 18 (2026-12-02): flag reuse + merged hp loop (dropped); INT8 compiled ops
