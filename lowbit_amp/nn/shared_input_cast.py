@@ -10,9 +10,9 @@ format, scaling config, rounding and warmth, and which needs nothing the cast di
 cast and records its amax into its own state, so its history, scale and warm flag evolve exactly as if it had cast
 itself. It casts with the first layer's scale: the same value while both histories are the same, as they are for layers
 always fed the same tensor, and an equally valid tensorwise scale of the same tensor otherwise. The slot holds strong
-references, so a recycled object cannot pass for the input. It is emptied by a forward hook on the model
-``amp.initialize`` converted (``always_call``), so nothing it holds outlives that model's forward; layers that
-``amp.initialize`` did not set up (``share_input_cast`` off, or built by hand) never use it.
+references, so a recycled object cannot pass for the input. It is emptied by forward hooks (``always_call``) on the model
+``amp.initialize`` converted and on every module that calls its layers, so nothing it holds outlives the block that
+made it; layers that ``amp.initialize`` did not set up (``share_input_cast`` off, or built by hand) never use it.
 
 Under ``torch.compile`` Dynamo resolves the ``is`` test between traced tensors while tracing and replays the slot's
 updates as Python side effects, so compiled graphs share the cast too, with no graph break
@@ -85,13 +85,23 @@ def _release_hook(_module: nn.Module, _args: object, _output: object) -> None:
 
 
 def attach(model: nn.Module) -> None:
-    """Let ``model``'s converted layers share input casts: they use the slot, which a forward hook on ``model``
-    empties after every forward (also when it raises)."""
+    """Let ``model``'s converted layers share input casts: they use the slot, which forward hooks empty after every
+    forward (also one that raises) of ``model`` and of each module that calls such layers directly.
+
+    Why the parents too: siblings are called from their parent's forward (an MLP's w1/w3, an attention's q/k/v), and
+    emptying the slot when that returns means no cast outlives the block that made it. When blocks are compiled one
+    by one (``torch.compile(block)``), a slot left holding the last layer's cast made every later block's graph see a
+    non-empty slot: a second graph traced, and the cast kept alive as a graph output until the next block."""
     from lowbit_amp.nn.linear import LowBitLinear
 
-    layers = [m for m in model.modules() if isinstance(m, LowBitLinear) and m.lb_config.share_input_cast]
-    if not layers:
+    parents = []
+    for module in model.modules():
+        children = [c for c in module.children() if isinstance(c, LowBitLinear) and c.lb_config.share_input_cast]
+        for child in children:
+            child._share_input_cast = True
+        if children:
+            parents.append(module)
+    if not parents:
         return
-    for layer in layers:
-        layer._share_input_cast = True
-    model.register_forward_hook(_release_hook, always_call=True)
+    for module in parents if model in parents else [*parents, model]:
+        module.register_forward_hook(_release_hook, always_call=True)

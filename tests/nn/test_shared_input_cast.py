@@ -189,3 +189,26 @@ def test_compiled_model_without_grad_does_not_share(monkeypatch: pytest.MonkeyPa
         assert len(calls) == 3
         torch.testing.assert_close(y_comp, eager(x), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_slot_is_emptied_by_each_block_that_calls_the_layers() -> None:
+    """A block's cast does not outlive the block: blocks compiled one by one (``torch.compile(block)``) start with an
+    empty slot — no cast kept alive as a graph output between them — and give eager's numbers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(SwiGLU(), SwiGLU(), SwiGLU())
+    model = amp.initialize(model, opt_level="O1", overrides={"modules.min_gemm_size": 0})
+    eager = copy.deepcopy(model)
+    seen: list[int] = []
+    for block in model:
+        block.register_forward_pre_hook(lambda *_: seen.append(len(shared_input_cast._SLOT)))
+    for i, block in enumerate(model):
+        model[i] = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 7, 48)
+    for _ in range(2):
+        torch.testing.assert_close(model(x), eager(x), rtol=0, atol=0)
+    assert seen == [0] * 6
+    h = torch.randn(2, 7, 48)
+    eager[0](h)
+    assert shared_input_cast._SLOT == []  # a block called on its own empties it too
+    torch._dynamo.reset()
