@@ -48,6 +48,9 @@ def cast_input(x: torch.Tensor, state: ScalingState, want_transpose: bool, use_k
     (then ``state`` records its amax), else a fresh one (kept in the slot when ``share``). No grad is recorded."""
     key = _key(state)
     compiling = torch.compiler.is_compiling()
+    # Inference tensors (torch.inference_mode) have no version counter, so an in-place change could not be seen: no
+    # sharing for them.
+    share = share and (compiling or not x.is_inference())
     if share:
         for entry in _SLOT:
             if entry[0] is x and entry[2] == key and (entry[3].lp_t is not None or not want_transpose) and (

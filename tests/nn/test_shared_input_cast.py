@@ -212,3 +212,14 @@ def test_slot_is_emptied_by_each_block_that_calls_the_layers() -> None:
     eager[0](h)
     assert shared_input_cast._SLOT == []  # a block called on its own empties it too
     torch._dynamo.reset()
+
+
+def test_inference_mode_runs_and_does_not_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference tensors have no version counter (reading it raises): no sharing there, the same outputs."""
+    calls = _count_casts(monkeypatch)
+    shared, _ = _setup(share=True)
+    plain, _ = _setup(share=False)
+    x = torch.randn(2, 7, 48)
+    with torch.inference_mode():
+        y_shared, y_plain = shared(x), plain(x)
+    assert len(calls) == 6 and torch.equal(y_shared, y_plain)
