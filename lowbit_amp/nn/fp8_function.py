@@ -66,7 +66,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         in_gran = layer.input_scaling.granularity
         w_gran = layer.weight_scaling.granularity
-        tensorwise = in_gran.is_tensorwise and w_gran.is_tensorwise
+        tensorwise = layer.tensorwise
         # Tensorwise: the backward GEMMs read xᵀ and Wᵀ, made in the same (fused, on CUDA) pass as x and W.
         w_t_lp = None
         # weight_cache: none (eager): W is cast here and freed after the GEMM; backward re-casts Wᵀ with this scale.
@@ -90,7 +90,8 @@ class Fp8LinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.tensorwise = tensorwise
         if ctx.tensorwise:
-            # Only xᵀ is kept (same bytes as x): forward's x_lp is freed after the output GEMM.
+            # Only xᵀ is kept (same bytes as x): forward's x_lp is freed after the output GEMM (or once the shared-cast
+            # slot lets go of it, when the block returns).
             # Compiled: Wᵀ made in forward is saved instead of W (backward reads only Wᵀ); eager: W, whose cached
             # transpose backward looks up.
             ctx.w_is_t = w_t_lp is not None

@@ -58,6 +58,12 @@ class LowBitLinear(nn.Linear):
         elif config.compute == "int8":
             self.register_buffer("fallback_fraction", torch.zeros((), device=device), persistent=False)
 
+    @property
+    def tensorwise(self) -> bool:
+        """Both FP8 operands of the forward GEMM scaled per tensor: the backward GEMMs then read plain transposes of
+        the forward's FP8 x and W (made in the same cast), not re-quantized copies."""
+        return self.input_scaling.granularity.is_tensorwise and self.weight_scaling.granularity.is_tensorwise
+
     # ------------------------------------------------------------------------------------------------ weight cast
     def quantized_weight(self, with_transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w_lp, w_scale)``, cast at most once per weight version (i.e. once per optimizer step).
@@ -151,8 +157,7 @@ class LowBitLinear(nn.Linear):
                 # The input cast runs here, outside the autograd.Function, so that a sibling fed the same tensor can
                 # share it (shared_input_cast.py; Dynamo cannot trace that slot's side effects inside a Function).
                 # Tensorwise: the cast also makes the xᵀ the weight-gradient GEMM reads.
-                tensorwise = self.input_scaling.granularity.is_tensorwise and self.weight_scaling.granularity.is_tensorwise
-                want_t = tensorwise and self.weight.requires_grad and torch.is_grad_enabled()
+                want_t = self.tensorwise and self.weight.requires_grad and torch.is_grad_enabled()
                 x_lp, x_t_lp, x_scale, x_scale_inv, _ = cast_input(
                     x, self.input_scaling, want_t, self.lb_config.fused_cast, self._share_input_cast)
                 return Fp8LinearFunction.apply(x, self.weight, self.bias, self, out_dtype, x_lp, x_t_lp, x_scale,
