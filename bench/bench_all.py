@@ -287,22 +287,30 @@ def anchor_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -
 
 
 def _timed_steps(step, host: list[float] | None = None) -> list[float]:  # type: ignore[no-untyped-def]
-    """Five timings of four back-to-back steps each (the anchor protocol), ms per step, sorted. With ``host``, the
-    host's enqueue time per step of each window (until the last step returns, before the synchronisation) is
-    appended to it: a window whose host time nears its GPU time is launch-bound, not GPU-bound."""
+    """Five timings of four back-to-back steps each (the anchor protocol; ``STEPS_PER_WINDOW``), ms per step, sorted.
+    With ``host``, the host's enqueue time per step of each window (until the last step returns, before the
+    synchronisation) is appended to it: a window whose host time nears its GPU time is launch-bound, not GPU-bound."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
+    n = STEPS_PER_WINDOW
     for _ in range(5):
         t0 = time.perf_counter()
         start.record()
-        for _ in range(4):
+        for _ in range(n):
             step()
         end.record()
         if host is not None:
-            host.append((time.perf_counter() - t0) * 1e3 / 4)
+            host.append((time.perf_counter() - t0) * 1e3 / n)
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 4)
+        times.append(start.elapsed_time(end) / n)
     return sorted(times)
+
+
+# Steps timed back to back between synchronisations: 4 is the anchor protocol (shared/anchors/anchor_gpu.py) and the
+# default; STEPS_PER_WINDOW=16 is a diagnostic only — if a variant's per-step time drops with longer windows, part of
+# its time is the GPU waiting after each synchronisation, not its kernels (docs/performance.md: ~2.5 ms per compiled
+# O1 step that no kernel accounts for).
+STEPS_PER_WINDOW = int(os.environ.get("STEPS_PER_WINDOW", "4"))
 
 
 def _time_variant(name: str, tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int, seq: int) -> dict:
@@ -383,7 +391,8 @@ def e2e_rounds(tag: str, dim: int, heads: int, ffn: int, layers: int, batch: int
     for name, v in summary.items():
         print(f"{name:>28} {v['step_ms_median']:8.2f}  {v['vs_bf16_same_mode_median']}  "
               f"[min, max] {v['vs_bf16_same_mode_min_max']}")
-    rec = {"section": "e2e_rounds", "workload": tag, "rounds": rounds, "summary": summary,
+    rec = {"section": "e2e_rounds", "workload": tag, "rounds": rounds, "steps_per_window": STEPS_PER_WINDOW,
+           "summary": summary,
            "log": [{k: round(t, 3) for k, t in r.items()} for r in log],
            "host_enqueue_ms_log": [{k: round(t, 3) for k, t in r.items()} for r in host_log]}
     emit(rec)

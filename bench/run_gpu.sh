@@ -169,6 +169,14 @@ case "${1:-checks}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/int8/test_row_scaled_gpu.py 2>&1 | tail -4
     timeout 300 python bench/bench_int8.py --configs n256_w8_s3 --top 1 --row all --out "$OUT" 2>&1 | tail -40
     ;;
+  next_gaps)
+    # For the next session (not run yet): does compiled O1's ~2.5 ms per step that no kernel accounts for depend on
+    # how often the protocol synchronises? 5 interleaved rounds at the protocol's 4 steps per window, then at 16. ~5 min.
+    for n in 4 16; do
+      STEPS_PER_WINDOW=$n E2E_ROUNDS=5 BENCH_VARIANTS=bf16_compile,lowbit_O1_compile \
+        timeout 250 python bench/bench_all.py e2e_big 2>&1 | grep -v "^{" | grep -v "round " | tail -3
+    done
+    ;;
   s20d)
     # Session 19: where the compiled step's GPU time goes after sharing (kernel time by kind, O1 and bf16), then 9
     # more interleaved rounds of the 4096-wide anchor. ~4 min.
