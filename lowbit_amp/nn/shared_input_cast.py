@@ -79,7 +79,7 @@ def _unchanged_while_tracing(cast: OperandCast) -> bool:
 
 
 def release() -> None:
-    """Drop the slot's references (the end of the converted model's forward)."""
+    """Drop the slot's references (when the converted model, or a module calling its layers, returns)."""
     _SLOT.clear()
 
 
@@ -92,9 +92,9 @@ def attach(model: nn.Module) -> None:
     forward (also one that raises) of ``model`` and of each module that calls such layers directly.
 
     Why the parents too: siblings are called from their parent's forward (an MLP's w1/w3, an attention's q/k/v), and
-    emptying the slot when that returns means no cast outlives the block that made it. When blocks are compiled one
-    by one (``torch.compile(block)``), a slot left holding the last layer's cast made every later block's graph see a
-    non-empty slot: a second graph traced, and the cast kept alive as a graph output until the next block."""
+    emptying the slot when that returns means no cast outlives the block that made it. With the model's hook alone,
+    every block started with the previous block's last cast in the slot (tests/nn/test_shared_input_cast.py): memory
+    held across blocks and, for blocks compiled one by one, a tensor their graphs had to take in."""
     from lowbit_amp.nn.linear import LowBitLinear
 
     parents = []
