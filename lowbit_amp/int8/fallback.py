@@ -33,6 +33,7 @@ __all__ = ["FALLBACK_MODES", "FallbackOperand", "detect_outlier_tiles", "main_of
 
 FALLBACK_MODES = ("residual", "hp")
 HP_DTYPE = torch.bfloat16  # the "16-bit product" of hp mode
+_FLAGS_KERNEL_TILES = 32768  # = lowbit_amp.kernels.outlier_flags.MAX_TILES (a test keeps them equal)
 
 
 def to_hp(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,6 @@ def to_hp(x: torch.Tensor) -> torch.Tensor:
     bits = xf.view(torch.int32)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
     return torch.where(torch.isnan(xf), xf, rounded).to(HP_DTYPE)
-_FLAGS_KERNEL_TILES = 32768  # = lowbit_amp.kernels.outlier_flags.MAX_TILES (a test keeps them equal)
 
 
 @dataclass

@@ -41,6 +41,7 @@ except ImportError as err:  # pragma: no cover - only on CPU-only installs, whic
         "lowbit_amp.quant.cast run instead; lowbit_amp.kernels.dispatch decides which."
     ) from err
 
+from lowbit_amp.kernels.fp8_cast_op import cast_modes, cast_results
 from lowbit_amp.quant.cast import MAX_SCALE
 from lowbit_amp.scaling.state import ScalingState
 
@@ -297,11 +298,9 @@ def fused_quantize(
     (the same launch, with the mutation declared in its schema).
     """
     fmt = state.fmt
-    current = not (state.config.algo == "static" or (state.delayed and state._warm))
-    record = state.delayed
+    current, record = cast_modes(state)
     lp, lp_t, scale_out = launch_cast(
         x2d, state.scale, fmt.dtype, fmt.max, fmt.max / (2.0 ** state.config.margin), current, record,
         want_transpose, state.pending_amax, state.nonfinite_count,
         state.cast_scratch if (record and not current) else None)
-    scale = scale_out[0] if current else state.scale
-    return lp, lp_t, scale, scale_out[4], (scale_out[1] if record else None)
+    return cast_results(state, lp, lp_t, scale_out, current, record)

@@ -51,8 +51,8 @@ def fp8_cast(
     record: bool, want_transpose: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lp, lpᵀ or an empty tensor, scale_out[8])`` (layout: :func:`lowbit_amp.kernels.fp8_cast.launch_cast`);
-    with ``record``, ``x``'s amax is folded into ``pending_amax``
-    and ``nonfinite_count`` in place (see the module docstring; untouched without ``record``).
+    with ``record``, ``x``'s amax is folded into ``pending_amax`` and ``nonfinite_count`` in place (see the module
+    docstring; untouched without ``record``).
 
     ``scratch`` is the state's all-zero ``cast_scratch`` words: the one-pass delayed cast counts finished programs
     in it and its last program zeroes it again, so the op leaves it as it found it (declared unmutated). The outputs
@@ -118,16 +118,29 @@ def _fp8_cast_fake(x, scale, scratch, pending_amax, nonfinite_count, out_dtype, 
     return lp, lp_t, x.new_empty((8,), dtype=torch.float32)
 
 
+def cast_modes(state: "ScalingState") -> tuple[bool, bool]:
+    """``(current, record)`` for a cast with ``state``: scale from this tensor's amax (static never; delayed only
+    until its history is warm), and fold the amax into the state (delayed). Shared by both entry points."""
+    return not (state.config.algo == "static" or (state.delayed and state._warm)), state.delayed
+
+
+def cast_results(
+    state: "ScalingState", lp: torch.Tensor, lp_t: torch.Tensor | None, scale_out: torch.Tensor, current: bool,
+    record: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(lp, lpᵀ, scale, 1/scale, amax or None)`` read off the kernel's ``scale_out`` (layout:
+    :func:`lowbit_amp.kernels.fp8_cast.launch_cast`). Shared by both entry points."""
+    return lp, lp_t, (scale_out[0] if current else state.scale), scale_out[4], (scale_out[1] if record else None)
+
+
 def traceable_fused_quantize(
     x2d: torch.Tensor, state: "ScalingState", want_transpose: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Same contract as :func:`lowbit_amp.kernels.fp8_cast.fused_quantize`, traceable by ``torch.compile``."""
     fmt = state.fmt
-    current = not (state.config.algo == "static" or (state.delayed and state._warm))
-    record = state.delayed
+    current, record = cast_modes(state)
     op = torch.ops.lowbit_amp.fp8_cast_t if VIA_TRITON_OP else torch.ops.lowbit_amp.fp8_cast
     lp, lp_t, scale_out = op(
         x2d, state.scale, state.cast_scratch, state.pending_amax, state.nonfinite_count, fmt.dtype, fmt.max,
         fmt.max / (2.0 ** state.config.margin), current, record, want_transpose)
-    scale = scale_out[0] if current else state.scale
-    return lp, (lp_t if want_transpose else None), scale, scale_out[4], (scale_out[1] if record else None)
+    return cast_results(state, lp, lp_t if want_transpose else None, scale_out, current, record)
